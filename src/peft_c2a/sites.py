@@ -1,0 +1,105 @@
+"""Where adapters sit: default target modules per architecture, and what each adapted module is.
+
+An adapter site is the output projection of an attention block or of a feed-forward block. Each adapted module gets a
+*layer id* (which transformer block it belongs to) and a *site kind* (attention, feed-forward, cross-attention); the
+hypernetwork embeds both. Both are derived from module names alone, so the same model and config always give the same
+ids, which is what makes saved hypernetworks loadable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Output projections of the attention block and of the feed-forward block, per `config.model_type`. Suffix matching
+# (PEFT's rule) means "output.dense" also covers "attention.output.dense" in BERT-like encoders.
+TARGET_MODULES_BY_MODEL_TYPE: dict[str, list[str]] = {
+    "bert": ["attention.output.dense", "output.dense"],
+    "roberta": ["attention.output.dense", "output.dense"],
+    "xlm-roberta": ["attention.output.dense", "output.dense"],
+    "camembert": ["attention.output.dense", "output.dense"],
+    "electra": ["attention.output.dense", "output.dense"],
+    "deberta-v2": ["attention.output.dense", "output.dense"],
+    "deberta": ["attention.output.dense", "output.dense"],
+    "distilbert": ["attention.out_lin", "ffn.lin2"],
+    "gpt2": ["attn.c_proj", "mlp.c_proj"],
+    "llama": ["self_attn.o_proj", "mlp.down_proj"],
+    "mistral": ["self_attn.o_proj", "mlp.down_proj"],
+    "qwen2": ["self_attn.o_proj", "mlp.down_proj"],
+    "qwen3": ["self_attn.o_proj", "mlp.down_proj"],
+    "gemma": ["self_attn.o_proj", "mlp.down_proj"],
+    "t5": ["SelfAttention.o", "EncDecAttention.o", "DenseReluDense.wo"],
+    "mt5": ["SelfAttention.o", "EncDecAttention.o", "DenseReluDense.wo"],
+}
+
+SITE_ATTENTION = 0
+SITE_FEED_FORWARD = 1
+SITE_CROSS_ATTENTION = 2
+NUM_SITE_KINDS = 3
+SITE_NAMES = {SITE_ATTENTION: "attention", SITE_FEED_FORWARD: "feed_forward", SITE_CROSS_ATTENTION: "cross_attention"}
+
+_CROSS_ATTENTION_PARTS = {"crossattention", "encdecattention", "encoder_attn", "cross_attn", "crossattn"}
+_LAYER_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def site_kind(module_name: str) -> int:
+    """Classify an adapted module as attention, cross-attention or feed-forward output from its dotted name."""
+    parts = [part.lower() for part in module_name.split(".")]
+    if any(part in _CROSS_ATTENTION_PARTS for part in parts):
+        return SITE_CROSS_ATTENTION
+    if any("attn" in part or "attention" in part for part in parts):
+        return SITE_ATTENTION
+    return SITE_FEED_FORWARD
+
+
+def layer_key(module_name: str) -> str:
+    """The name of the transformer block a module belongs to: its name up to the first numeric component.
+
+    `bert.encoder.layer.3.attention.output.dense` -> `bert.encoder.layer.3`; T5's encoder and decoder blocks thus get
+    different keys (`encoder.block.0` vs `decoder.block.0`).
+    """
+    match = _LAYER_INDEX.match(module_name)
+    return match.group(1) if match else ""
+
+
+def is_decoder_site(module_name: str, is_encoder_decoder: bool, is_decoder_only: bool) -> bool:
+    """Whether a module runs over decoder positions (and so needs a causal context)."""
+    if is_encoder_decoder:
+        return "decoder" in module_name.split(".")
+    return is_decoder_only
+
+
+def is_decoder_only_model(model: nn.Module) -> bool:
+    """Infer whether a transformers model is a decoder-only (causal) language model."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "is_decoder", False):
+        return True
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Adapters wrap linear output projections: `nn.Linear` or GPT-2's `Conv1D`."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def unknown_architecture_error(model_type: str | None, module_names: Iterable[str]) -> ValueError:
+    """A `ValueError` that names the linear modules seen, so the user can pick `target_modules`."""
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name in module_names})
+    known = ", ".join(sorted(TARGET_MODULES_BY_MODEL_TYPE))
+    return ValueError(
+        f"Cannot choose adapter sites for model type {model_type!r}: it has no default `target_modules` "
+        f"(known types: {known}). Linear modules seen in the model: {leaf_names}. Set `target_modules` to the output "
+        "projections of the attention and feed-forward blocks, e.g. "
+        "`C2AConfig(target_modules=['attn.out_proj', 'mlp.fc2'], ...)`."
+    )
