@@ -79,7 +79,9 @@ def main() -> None:
 
     def encode(split: str, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = data[split].select(indices)
-        enc = tokenizer(list(rows["text"]), truncation=True, max_length=args.max_seq_length, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            list(rows["text"]), truncation=True, max_length=args.max_seq_length, padding=True, return_tensors="pt"
+        )
         enc["labels"] = torch.tensor(list(rows["label"]))
         return dict(enc)
 
@@ -91,14 +93,14 @@ def main() -> None:
         test_sets[name] = encode("test", test_shards[name])
         counts = torch.bincount(train_sets[name]["labels"], minlength=len(BBC_LABELS)).float()
         descriptors[name] = counts / counts.sum()
-        print(f"{name}: {len(train_shards[name])} train / {len(test_shards[name])} test, label mix "
-              f"{[round(x, 2) for x in descriptors[name].tolist()]}")
+        print(
+            f"{name}: {len(train_shards[name])} train / {len(test_shards[name])} test, label mix "
+            f"{[round(x, 2) for x in descriptors[name].tolist()]}"
+        )
 
     # Pool both clients; each example keeps its client's descriptor.
     pooled = {key: torch.cat([train_sets[n][key] for n in CLIENT_MIXES]) for key in train_sets["client-A"]}
-    pooled["label_distribution"] = torch.cat(
-        [descriptors[n].expand(len(train_shards[n]), -1) for n in CLIENT_MIXES]
-    )
+    pooled["label_distribution"] = torch.cat([descriptors[n].expand(len(train_shards[n]), -1) for n in CLIENT_MIXES])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     generator = torch.Generator().manual_seed(args.seed)
     num_examples = pooled["labels"].shape[0]

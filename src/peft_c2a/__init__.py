@@ -11,8 +11,8 @@ Importing this package registers two PEFT methods under plain string types, so t
 (without it PEFT does not know the type and raises `KeyError: 'C2A'`).
 """
 
-from .config import BOTTLENECK_PEFT_TYPE, C2A_PEFT_TYPE, BottleneckAdapterConfig, C2AConfig
 from .conditioning import check_client_ids, normalize_label_distribution
+from .config import BOTTLENECK_PEFT_TYPE, C2A_PEFT_TYPE, BottleneckAdapterConfig, C2AConfig
 from .hypernetwork import C2AHyperNetwork
 from .layer import BottleneckAdapterLayer, C2ALayer
 from .model import BottleneckAdapterModel, C2AModel

@@ -212,6 +212,6 @@ def bind_forward_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any
         names = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         return kwargs
-    bound = dict(zip(names, args))
+    bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     return bound

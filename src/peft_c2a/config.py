@@ -45,7 +45,8 @@ class _AdapterSitesConfig(PeftConfig):
         default=None, metadata={"help": "Only adapt the layers with these indices."}
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list (`layer`, `h`, `layers` ...) for `layers_to_transform`."}
+        default=None,
+        metadata={"help": "Name of the layer list (`layer`, `h`, `layers` ...) for `layers_to_transform`."},
     )
     modules_to_save: Optional[list[str]] = field(
         default=None,

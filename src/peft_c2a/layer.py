@@ -139,7 +139,9 @@ class C2ALayer(_BottleneckLayerBase):
         self._c2a_site_key = site_key
         self._c2a_encoder_decoder = encoder_decoder
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, layer_id, site, decoder_site, causal, inference_mode=config.inference_mode)
+        self.update_layer(
+            adapter_name, config, layer_id, site, decoder_site, causal, inference_mode=config.inference_mode
+        )
 
     def update_layer(
         self,

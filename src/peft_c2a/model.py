@@ -66,6 +66,14 @@ class _BottleneckTunerBase(BaseTuner):
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
         targets = self._targets(config, model)
+        if not targets and state_dict is None:
+            linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_adaptable(m)})
+            wanted = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
+            raise ValueError(
+                f"`target_modules` {wanted!r} matched no module of the model "
+                f"(layers_to_transform={config.layers_to_transform}). Linear modules seen: {linear_names}; "
+                "point `target_modules` at the attention and feed-forward output projections."
+            )
         self._before_inject(config, model, adapter_name, targets)
         try:
             super().inject_adapter(
@@ -276,9 +284,7 @@ class C2AModel(_BottleneckTunerBase):
             self._c2a_hooks.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
 
     @contextmanager
-    def client_descriptor(
-        self, label_distribution: Any = None, client_ids: Any = None
-    ) -> Iterator[None]:
+    def client_descriptor(self, label_distribution: Any = None, client_ids: Any = None) -> Iterator[None]:
         """Condition every forward inside the block on this client descriptor, unless a call passes its own.
 
         For code that cannot pass extra keyword arguments, such as `transformers` pipelines:
@@ -294,7 +300,9 @@ class C2AModel(_BottleneckTunerBase):
     def generate(self, *args: Any, label_distribution: Any = None, client_ids: Any = None, **kwargs: Any) -> Any:
         """`generate()` of the wrapped model, conditioned on a client descriptor (one row, or one per prompt)."""
         num_beams = kwargs.get("num_beams") or getattr(getattr(self.model, "generation_config", None), "num_beams", 1)
-        if num_beams > 1 and any(layer.c2a_causal.get(name) for layer in self._c2a_layers() for name in layer.c2a_causal):
+        if num_beams > 1 and any(
+            layer.c2a_causal.get(name) for layer in self._c2a_layers() for name in layer.c2a_causal
+        ):
             raise ValueError(
                 "Beam search is not supported with C2A's causal context term (its running context is not reordered "
                 "with the beams). Use greedy search or sampling, or `use_context=False`."
