@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from peft_c2a import BottleneckAdapterConfig, C2AConfig, C2ALayer
 
 from .conftest import NUM_LABELS
-from .test_c2a_properties import DESCRIPTORS, c2a_config, make_non_trivial, train_steps
+from .test_c2a_properties import DESCRIPTORS, c2a_config, make_non_trivial
 
 
 def logits(model, batch, **kwargs):
@@ -36,7 +36,11 @@ def trained_c2a(tiny_bert_pair, batch):
 def test_save_writes_safetensors_config_and_card(trained_c2a, tmp_path):
     model, _ = trained_c2a
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "C2A" and config["num_labels"] == NUM_LABELS and config["num_clients"] == 4
     tensors = load_file(tmp_path / "adapter_model.safetensors")
