@@ -323,6 +323,12 @@ def test_wrong_target_modules_raise_and_leave_the_model_untouched(tiny_bert):
         get_peft_model(copy.deepcopy(tiny_bert), c2a_config(target_modules=["no_such_module"]))
 
 
+def test_label_count_must_match_the_classifier(tiny_bert):
+    with pytest.raises(ValueError, match="num_labels=5.*3 labels"):
+        get_peft_model(tiny_bert, c2a_config(num_labels=5))
+    assert not any(isinstance(m, C2ALayer) for m in tiny_bert.modules())
+
+
 def test_unknown_architecture_names_the_modules_seen():
     class Tiny(torch.nn.Module):
         def __init__(self):

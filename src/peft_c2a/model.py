@@ -168,6 +168,13 @@ class C2AModel(_BottleneckTunerBase):
     def _before_inject(
         self, config: C2AConfig, model: nn.Module, adapter_name: str, targets: list[tuple[str, nn.Module]]
     ) -> None:
+        model_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if config.num_labels is not None and config.task_type in ("SEQ_CLS", "TOKEN_CLS") and model_labels is not None:
+            if model_labels != config.num_labels:
+                raise ValueError(
+                    f"C2AConfig(num_labels={config.num_labels}) does not match the model's {model_labels} labels; the "
+                    "label distribution must describe the classes the model predicts."
+                )
         # `add_adapter` and `load_adapter` call `inject_adapter` directly (not `_pre_injection_hook`), so the shared
         # hypernetwork is built here, before PEFT walks the model and creates the layers.
         if "c2a_hypernet" not in self._modules:
