@@ -95,6 +95,7 @@ class C2ARuntime:
             registered, and not saved, under every layer).
         static_embeddings: per adapter, the descriptor part of the client embedding, `(1 or batch, k)` or `None`.
         attention_mask / encoder_mask / decoder_mask: masks of the current forward (`None` means no padding).
+        batch_size: examples in the current forward, to unflatten `(batch * length, hidden)` adapter inputs.
         past_length: positions already in the KV cache (0 outside cached decoding).
     """
 
@@ -104,6 +105,7 @@ class C2ARuntime:
     encoder_mask: Optional[torch.Tensor] = None
     decoder_mask: Optional[torch.Tensor] = None
     past_length: int = 0
+    batch_size: Optional[int] = None
     ambient: dict[str, Any] = field(default_factory=dict)
     context_cache: dict[str, _CachedContext] = field(default_factory=dict)
     active_adapters: list[str] = field(default_factory=list)
@@ -170,7 +172,10 @@ class C2ARuntime:
         if self.attention_mask is not None:
             self.encoder_mask = self.attention_mask
         self.decoder_mask = bound.get("decoder_attention_mask")
-        self.past_length = _cache_length(bound.get("past_key_values"))
+        self.batch_size = _batch_size(bound)
+        # transformers >= 5.24 names the KV cache `cache`; earlier releases `past_key_values`
+        cache = bound.get("cache")
+        self.past_length = _cache_length(cache if cache is not None else bound.get("past_key_values"))
         if self.past_length == 0:
             self.context_cache = {}
 
@@ -191,6 +196,14 @@ class C2ARuntime:
             f"The attention mask covers {mask.shape[1]} positions but the adapter input has {length}; C2A's context "
             "term needs a mask aligned with the hidden states (set `use_context=False` for such models)."
         )
+
+
+def _batch_size(bound: dict[str, Any]) -> Optional[int]:
+    for name in ("input_ids", "inputs_embeds", "attention_mask", "decoder_input_ids"):
+        value = bound.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[0])
+    return None
 
 
 def _cache_length(past_key_values: Any) -> int:

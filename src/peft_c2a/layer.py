@@ -171,10 +171,13 @@ class C2ALayer(_BottleneckLayerBase):
         hyper = runtime.hypernets[adapter_name]
         layer_id, site = self.c2a_layer_id[adapter_name], self.c2a_site[adapter_name]
         dtype = hyper.down_factor.dtype
+        flat_shape = hidden.shape if hidden.dim() == 2 else None
+        if flat_shape is not None:
+            # (batch, hidden), or tokens flattened to (batch * length, hidden) as OPT's feed-forward does
+            hidden = hidden.reshape(self._unflattened_batch(flat_shape[0]), -1, flat_shape[-1])
+        elif hidden.dim() != 3:
+            raise ValueError(f"C2A adapters expect (batch, length, hidden) inputs, got shape {tuple(hidden.shape)}.")
         x = self.adapter_dropout[adapter_name](hidden.to(dtype))
-        squeeze = x.dim() == 2
-        if squeeze:  # (batch, hidden) without a sequence axis
-            x = x.unsqueeze(1)
         batch, length = x.shape[0], x.shape[1]
 
         embedding = hyper.site_embedding_for(layer_id, site).unsqueeze(0)  # (1, k)
@@ -187,7 +190,7 @@ class C2ALayer(_BottleneckLayerBase):
                 )
             embedding = embedding + static.to(dtype)
         if hyper.context_weight is not None:
-            pooled = self._pooled_context(hidden if not squeeze else hidden.unsqueeze(1), adapter_name, length)
+            pooled = self._pooled_context(hidden, adapter_name, length)
             embedding = (embedding.unsqueeze(1) if pooled.dim() == 3 else embedding) + hyper.context_embedding(pooled)
 
         gen_down, gen_up = hyper.generators()  # (k, r, d) each
@@ -208,7 +211,18 @@ class C2ALayer(_BottleneckLayerBase):
             out = act(torch.einsum("btkr,btk->btr", projected, embedding) * hyper.down_scale + down_bias)
             mixed = (embedding.unsqueeze(-1) * out.unsqueeze(-2)).reshape(batch, length, k * r)
             out = torch.matmul(mixed, gen_up.reshape(k * r, d)) * gain + up_bias
-        return out.squeeze(1) if squeeze else out
+        return out.reshape(flat_shape[0], -1) if flat_shape is not None else out
+
+    def _unflattened_batch(self, rows: int) -> int:
+        batch = self._c2a_runtime.batch_size
+        if batch is None or rows == batch:
+            return rows
+        if rows % batch:
+            raise ValueError(
+                f"C2A adapter got {rows} rows of hidden states for a batch of {batch} examples; it cannot tell which "
+                "rows belong to which example."
+            )
+        return batch
 
     def _pooled_context(self, hidden: torch.Tensor, adapter_name: str, length: int) -> torch.Tensor:
         """Mask-aware mean of the adapter input: per example `(batch, d)`, or causal running mean `(batch, T, d)`."""

@@ -17,7 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .conditioning import DESCRIPTOR_KWARGS, C2ARuntime, bind_forward_arguments
+from .conditioning import DESCRIPTOR_KWARGS, C2ARuntime, _batch_size, bind_forward_arguments
 from .config import C2AConfig, _AdapterSitesConfig
 from .hypernetwork import C2AHyperNetwork
 from .layer import BottleneckAdapterLayer, C2ALayer
@@ -283,7 +283,9 @@ class C2AModel(_BottleneckTunerBase):
 
         def before_encoder(module: nn.Module, args: tuple, kwargs: dict) -> None:
             # generate() runs the encoder of a seq2seq model on its own, so its mask is taken here
-            runtime.encoder_mask = bind_forward_arguments(module, args, kwargs).get("attention_mask")
+            bound = bind_forward_arguments(module, args, kwargs)
+            runtime.encoder_mask = bound.get("attention_mask")
+            runtime.batch_size = _batch_size(bound)
 
         self._c2a_hooks = [model.register_forward_pre_hook(before_forward, with_kwargs=True)]
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
@@ -306,7 +308,8 @@ class C2AModel(_BottleneckTunerBase):
 
     def generate(self, *args: Any, label_distribution: Any = None, client_ids: Any = None, **kwargs: Any) -> Any:
         """`generate()` of the wrapped model, conditioned on a client descriptor (one row, or one per prompt)."""
-        num_beams = kwargs.get("num_beams") or getattr(getattr(self.model, "generation_config", None), "num_beams", 1)
+        generation_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        num_beams = kwargs.get("num_beams") or getattr(generation_config, "num_beams", None) or 1
         if num_beams > 1 and any(
             layer.c2a_causal.get(name) for layer in self._c2a_layers() for name in layer.c2a_causal
         ):

@@ -1,0 +1,66 @@
+"""Generation-specific behaviour of C2A on a tiny GPT-2: descriptor expansion and the beam-search guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from peft_c2a import C2AConfig
+
+
+@pytest.fixture
+def gpt2_c2a():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0)
+    model = get_peft_model(
+        GPT2LMHeadModel(config), C2AConfig(task_type="CAUSAL_LM", num_clients=3, bottleneck_dim=4, init_seed=0)
+    )
+    with torch.no_grad():
+        model.base_model.c2a_hypernet["default"].up_gain.fill_(0.5)
+    return model.eval()
+
+
+def prompt():
+    return torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), torch.ones(2, 4, dtype=torch.long)
+
+
+def test_beam_search_is_refused_with_causal_context(gpt2_c2a):
+    input_ids, attention_mask = prompt()
+    with pytest.raises(ValueError, match="Beam search is not supported"):
+        gpt2_c2a.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=2, max_new_tokens=3)
+
+
+def test_per_prompt_descriptors_follow_num_return_sequences(gpt2_c2a):
+    input_ids, attention_mask = prompt()
+    torch.manual_seed(1)
+    out = gpt2_c2a.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        client_ids=torch.tensor([0, 2]),
+        do_sample=True,
+        num_return_sequences=3,
+        max_new_tokens=4,
+    )
+    assert out.shape == (6, 8)
+    assert torch.equal(out[:3, :4], input_ids[:1].expand(3, -1)) and torch.equal(
+        out[3:, :4], input_ids[1:].expand(3, -1)
+    )
+
+
+def test_generation_depends_on_the_client(gpt2_c2a):
+    input_ids, attention_mask = prompt()
+    scores = {}
+    for client in range(3):
+        out = gpt2_c2a.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            client_ids=torch.tensor([client, client]),
+            max_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        scores[client] = out.logits[0]
+    assert (scores[0] - scores[1]).abs().max() > 1e-4
