@@ -172,7 +172,7 @@ class C2ARuntime:
         if self.attention_mask is not None:
             self.encoder_mask = self.attention_mask
         self.decoder_mask = bound.get("decoder_attention_mask")
-        self.batch_size = _batch_size(bound)
+        self.batch_size = infer_batch_size(bound)
         # transformers >= 5.24 names the KV cache `cache`; earlier releases `past_key_values`
         cache = bound.get("cache")
         self.past_length = _cache_length(cache if cache is not None else bound.get("past_key_values"))
@@ -198,7 +198,8 @@ class C2ARuntime:
         )
 
 
-def _batch_size(bound: dict[str, Any]) -> Optional[int]:
+def infer_batch_size(bound: dict[str, Any]) -> Optional[int]:
+    """Number of examples of a forward call, from its token ids, embeddings or mask."""
     for name in ("input_ids", "inputs_embeds", "attention_mask", "decoder_input_ids"):
         value = bound.get(name)
         if isinstance(value, torch.Tensor) and value.dim() >= 2:

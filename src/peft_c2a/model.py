@@ -17,7 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .conditioning import DESCRIPTOR_KWARGS, C2ARuntime, _batch_size, bind_forward_arguments
+from .conditioning import DESCRIPTOR_KWARGS, C2ARuntime, bind_forward_arguments, infer_batch_size
 from .config import C2AConfig, _AdapterSitesConfig
 from .hypernetwork import C2AHyperNetwork
 from .layer import BottleneckAdapterLayer, C2ALayer
@@ -103,8 +103,6 @@ class _BottleneckTunerBase(BaseTuner):
                 continue
             if isinstance(module, BaseTunerLayer):
                 module = module.get_base_layer()
-            elif any(key.startswith(f"{name}.") for name, _ in found):
-                continue  # inside a module already targeted
             if not is_adaptable(module):
                 raise ValueError(
                     f"Target module {key!r} is a {type(module).__name__}; bottleneck adapters wrap linear output "
@@ -196,7 +194,7 @@ class C2AModel(_BottleneckTunerBase):
         self, config: C2AConfig, model: nn.Module, targets: list[tuple[str, nn.Module]]
     ) -> dict[str, dict[str, Any]]:
         if not targets:
-            return {}  # PEFT's own injection raises its "no target module matched" error
+            raise ValueError("C2A needs `target_modules` that match the model (the hypernetwork is sized from them).")
         widths = {_out_features(module) for _, module in targets}
         if len(widths) != 1:
             raise ValueError(
@@ -223,10 +221,7 @@ class C2AModel(_BottleneckTunerBase):
         return plan
 
     def _build_hypernetwork(self, config: C2AConfig, model: nn.Module) -> C2AHyperNetwork:
-        if not self._c2a_plan:
-            hidden_size, num_layers = 1, 1  # placeholder; PEFT raises right after for the missing targets
-        else:
-            hidden_size, num_layers = self._c2a_hidden_size, self._c2a_num_layers
+        hidden_size, num_layers = self._c2a_hidden_size, self._c2a_num_layers
         generator = None
         if config.init_seed is not None:
             generator = torch.Generator().manual_seed(config.init_seed)
@@ -285,7 +280,7 @@ class C2AModel(_BottleneckTunerBase):
             # generate() runs the encoder of a seq2seq model on its own, so its mask is taken here
             bound = bind_forward_arguments(module, args, kwargs)
             runtime.encoder_mask = bound.get("attention_mask")
-            runtime.batch_size = _batch_size(bound)
+            runtime.batch_size = infer_batch_size(bound)
 
         self._c2a_hooks = [model.register_forward_pre_hook(before_forward, with_kwargs=True)]
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
@@ -310,9 +305,13 @@ class C2AModel(_BottleneckTunerBase):
         """`generate()` of the wrapped model, conditioned on a client descriptor (one row, or one per prompt)."""
         generation_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         num_beams = kwargs.get("num_beams") or getattr(generation_config, "num_beams", None) or 1
-        if num_beams > 1 and any(
-            layer.c2a_causal.get(name) for layer in self._c2a_layers() for name in layer.c2a_causal
-        ):
+        active = [name for name in self.active_adapters if name in self.c2a_hypernet]
+        causal_context = any(
+            self.peft_config[name].use_context and layer.c2a_causal.get(name)
+            for layer in self._c2a_layers()
+            for name in active
+        )
+        if num_beams > 1 and causal_context:
             raise ValueError(
                 "Beam search is not supported with C2A's causal context term (its running context is not reordered "
                 "with the beams). Use greedy search or sampling, or `use_context=False`."
