@@ -323,6 +323,19 @@ def test_wrong_target_modules_raise_and_leave_the_model_untouched(tiny_bert):
         get_peft_model(copy.deepcopy(tiny_bert), c2a_config(target_modules=["no_such_module"]))
 
 
+def test_a_failed_wrap_leaves_no_hooks_behind(tiny_bert, batch):
+    with pytest.raises(ValueError, match="one width"):
+        get_peft_model(tiny_bert, c2a_config(target_modules=["output.dense", "intermediate.dense"]))
+    assert not tiny_bert._forward_pre_hooks and "generate" not in vars(tiny_bert)
+    model = get_peft_model(tiny_bert, c2a_config())
+    make_non_trivial(model)
+    model.eval()
+    with torch.no_grad():
+        a = model(**batch, label_distribution=DESCRIPTORS[0]).logits
+        b = model(**batch, label_distribution=DESCRIPTORS[1]).logits
+    assert not torch.equal(a, b)
+
+
 def test_label_count_must_match_the_classifier(tiny_bert):
     with pytest.raises(ValueError, match="num_labels=5.*3 labels"):
         get_peft_model(tiny_bert, c2a_config(num_labels=5))

@@ -38,6 +38,11 @@ def test_non_numeric_and_integer_inputs():
     assert torch.equal(normalize_label_distribution([1, 1, 2], 3), torch.tensor([[0.25, 0.25, 0.5]]))
     with pytest.raises(ValueError, match="numeric"):
         normalize_label_distribution(torch.tensor([True, False, True]), 3)
+    with pytest.raises(ValueError, match="numeric"):
+        normalize_label_distribution(["a", "b", "c"], 3)
+    assert torch.equal(
+        normalize_label_distribution(torch.tensor([2, 2], dtype=torch.int8), 2), torch.tensor([[0.5, 0.5]])
+    )
     assert torch.equal(check_client_ids(2, 3), torch.tensor([2]))
     with pytest.raises(ValueError, match=r"shape \(batch,\)"):
         check_client_ids(torch.zeros(2, 2, dtype=torch.long), 3)

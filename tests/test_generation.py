@@ -64,3 +64,61 @@ def test_generation_depends_on_the_client(gpt2_c2a):
         )
         scores[client] = out.logits[0]
     assert (scores[0] - scores[1]).abs().max() > 1e-4
+
+
+def test_shared_integer_label_counts_with_several_return_sequences():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0)
+    model = get_peft_model(GPT2LMHeadModel(config), C2AConfig(task_type="CAUSAL_LM", num_labels=3, bottleneck_dim=4))
+    input_ids, attention_mask = prompt()
+    out = model.eval().generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        label_distribution=[3, 1, 0],
+        do_sample=True,
+        num_return_sequences=2,
+        max_new_tokens=2,
+    )
+    assert out.shape == (4, 6)
+
+
+def test_beam_search_without_context_expands_per_prompt_descriptors():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0)
+    model = get_peft_model(
+        GPT2LMHeadModel(config), C2AConfig(task_type="CAUSAL_LM", num_clients=3, use_context=False, bottleneck_dim=4)
+    )
+    input_ids, attention_mask = prompt()
+    out = model.eval().generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        client_ids=torch.tensor([0, 2]),
+        num_beams=3,
+        max_new_tokens=3,
+    )
+    assert out.shape == (2, 7)
+
+
+def test_plain_peft_model_generate_accepts_descriptors():
+    """`PeftModel.generate` (no task type) calls the base model's generate directly; it must take the descriptor."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0)
+    model = PeftModel(GPT2LMHeadModel(config), C2AConfig(num_clients=3, bottleneck_dim=4, init_seed=0)).eval()
+    with torch.no_grad():
+        model.base_model.c2a_hypernet["default"].up_gain.fill_(0.5)
+    input_ids, attention_mask = prompt()
+    runs = [
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            client_ids=torch.tensor([client, client]),
+            max_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        ).logits[0]
+        for client in (0, 1)
+    ]
+    assert (runs[0] - runs[1]).abs().max() > 1e-4

@@ -39,8 +39,11 @@ def normalize_label_distribution(label_distribution: Any, num_labels: int) -> to
     Raises:
         ValueError: wrong shape or size, NaN/inf, negative entries, or an all-zero row.
     """
-    dist = torch.as_tensor(label_distribution)
-    if not (dist.is_floating_point() or dist.dtype in (torch.int32, torch.int64, torch.int16, torch.uint8)):
+    try:
+        dist = torch.as_tensor(label_distribution)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"`label_distribution` must be numeric label counts or probabilities: {error}") from error
+    if dist.dtype == torch.bool or dist.is_complex():
         raise ValueError(f"`label_distribution` must be numeric, got dtype {dist.dtype}.")
     dist = dist.float()
     if dist.dim() == 1:
@@ -63,7 +66,10 @@ def normalize_label_distribution(label_distribution: Any, num_labels: int) -> to
 
 def check_client_ids(client_ids: Any, num_clients: int) -> torch.Tensor:
     """Check client ids: an integer tensor of shape `(batch,)` (or a scalar) with values in `[0, num_clients)`."""
-    ids = torch.as_tensor(client_ids)
+    try:
+        ids = torch.as_tensor(client_ids)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"`client_ids` must be integer client ids: {error}") from error
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"`client_ids` must be an integer tensor, got dtype {ids.dtype}.")
     ids = ids.long().reshape(-1) if ids.dim() == 0 else ids.long()

@@ -173,18 +173,26 @@ class C2AModel(_BottleneckTunerBase):
                     f"C2AConfig(num_labels={config.num_labels}) does not match the model's {model_labels} labels; the "
                     "label distribution must describe the classes the model predicts."
                 )
+        plan = self._plan_sites(config, model, targets)
         # `add_adapter` and `load_adapter` call `inject_adapter` directly (not `_pre_injection_hook`), so the shared
-        # hypernetwork is built here, before PEFT walks the model and creates the layers.
+        # hypernetwork is built here, after every check and before PEFT walks the model and creates the layers.
+        hypernetwork = self._build_hypernetwork(config, model)
         if "c2a_hypernet" not in self._modules:
             self.c2a_hypernet = nn.ModuleDict()
             self._c2a_runtime = C2ARuntime(hypernets=self.c2a_hypernet, active_adapters=list(self.active_adapters))
-            self._register_descriptor_hooks(model)
-        self._c2a_plan = self._plan_sites(config, model, targets)
-        self.c2a_hypernet[adapter_name] = self._build_hypernetwork(config, model)
+            self._install_descriptor_plumbing(model)
+        self._c2a_plan = plan
+        self.c2a_hypernet[adapter_name] = hypernetwork
 
     def _after_failed_inject(self, adapter_name: str) -> None:
+        # nothing half-built stays behind, and a model left without C2A adapters keeps no hooks of ours
+        if "c2a_hypernet" not in self._modules:
+            return
         if adapter_name in self.c2a_hypernet:
-            del self.c2a_hypernet[adapter_name]  # nothing half-built stays behind
+            del self.c2a_hypernet[adapter_name]
+        if not len(self.c2a_hypernet):
+            self._remove_descriptor_plumbing()
+            del self.c2a_hypernet
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -193,6 +201,7 @@ class C2AModel(_BottleneckTunerBase):
     def _plan_sites(
         self, config: C2AConfig, model: nn.Module, targets: list[tuple[str, nn.Module]]
     ) -> dict[str, dict[str, Any]]:
+        """Layer id, site kind and context mode of every targeted module; sets the hypernetwork's dimensions."""
         if not targets:
             raise ValueError("C2A needs `target_modules` that match the model (the hypernetwork is sized from them).")
         widths = {_out_features(module) for _, module in targets}
@@ -267,7 +276,13 @@ class C2AModel(_BottleneckTunerBase):
         self._replace_module(parent, target_name, new_module, target)
 
     # ------------------------------------------------------------------ descriptor plumbing
-    def _register_descriptor_hooks(self, model: nn.Module) -> None:
+    def _install_descriptor_plumbing(self, model: nn.Module) -> None:
+        """Forward pre-hooks that consume the descriptor kwargs, and a `generate` that accepts them.
+
+        The hooks sit on the wrapped model itself, so the descriptor reaches the layers whichever PEFT wrapper (or
+        none) calls it. `generate` is overridden on the model instance because plain `PeftModel.generate` calls the
+        base model's `generate` directly, which would reject the descriptor kwargs.
+        """
         runtime = self._c2a_runtime
 
         def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -286,6 +301,16 @@ class C2AModel(_BottleneckTunerBase):
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
             encoder = model.get_encoder()
             self._c2a_hooks.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
+        self._c2a_model_generate = getattr(model, "generate", None)
+        if self._c2a_model_generate is not None:
+            model.generate = self.generate
+
+    def _remove_descriptor_plumbing(self) -> None:
+        for hook in self._c2a_hooks:
+            hook.remove()
+        self._c2a_hooks = []
+        if "generate" in vars(self.model):
+            del self.model.generate
 
     @contextmanager
     def client_descriptor(self, label_distribution: Any = None, client_ids: Any = None) -> Iterator[None]:
@@ -316,11 +341,15 @@ class C2AModel(_BottleneckTunerBase):
                 "Beam search is not supported with C2A's causal context term (its running context is not reordered "
                 "with the beams). Use greedy search or sampling, or `use_context=False`."
             )
-        repeats = kwargs.get("num_return_sequences") or 1
-        label_distribution = _repeat_rows(label_distribution, repeats)
-        client_ids = _repeat_rows(client_ids, repeats)
+        # generate() repeats each prompt max(num_beams, num_return_sequences) times; per-prompt descriptors follow
+        return_sequences = kwargs.get("num_return_sequences") or getattr(generation_config, "num_return_sequences", 1)
+        repeats = max(num_beams, return_sequences or 1)
+        label_distribution = _repeat_rows(label_distribution, repeats, per_prompt_dims=2)
+        client_ids = _repeat_rows(client_ids, repeats, per_prompt_dims=1)
+        if self._c2a_model_generate is None:
+            raise TypeError(f"{type(self.model).__name__} has no `generate` method.")
         with self._c2a_runtime.descriptor(label_distribution=label_distribution, client_ids=client_ids):
-            return self.model.generate(*args, **kwargs)
+            return self._c2a_model_generate(*args, **kwargs)
 
     def _c2a_layers(self) -> Iterator[C2ALayer]:
         return (module for module in self.model.modules() if isinstance(module, C2ALayer))
@@ -353,8 +382,7 @@ class C2AModel(_BottleneckTunerBase):
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)
-        for hook in self._c2a_hooks:
-            hook.remove()
+        self._remove_descriptor_plumbing()
         return model
 
     # ------------------------------------------------------------------ state dict keys
@@ -373,10 +401,11 @@ def _out_features(module: nn.Module) -> int:
     return _get_in_out_features(module)[1]
 
 
-def _repeat_rows(value: Any, repeats: int) -> Any:
+def _repeat_rows(value: Any, repeats: int, per_prompt_dims: int) -> Any:
+    """Repeat per-prompt descriptor rows like generate() repeats prompts; a shared descriptor stays as it is."""
     if value is None or repeats == 1:
         return value
     tensor = torch.as_tensor(value)
-    if tensor.dim() == 0 or (tensor.dim() == 1 and tensor.is_floating_point()):
+    if tensor.dim() < per_prompt_dims:
         return tensor  # one descriptor for the whole batch broadcasts anyway
     return tensor.repeat_interleave(repeats, dim=0)
