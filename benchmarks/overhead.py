@@ -16,8 +16,9 @@ What is measured:
 - peak memory: each method runs in a fresh subprocess. After the model is loaded and wrapped, the optimizer created
   and the batch loaded, the process's RSS is the baseline and the kernel's peak-RSS mark is reset (`echo 5 >
   /proc/self/clear_refs`, so loading transients cannot hide the training peak). Then `--mem_steps` training steps run
-  (the first allocates AdamW's state) and peak = `ru_maxrss` - baseline. Repeated `--mem_repeats` times (fresh
-  process each, methods interleaved); median and IQR reported.
+  (the first allocates AdamW's state) and peak = VmHWM - baseline (VmHWM is the peak RSS that `ru_maxrss` also
+  reports, read from /proc/self/status because a child forked from a large parent inherits the parent's size as its
+  `ru_maxrss` floor). Repeated `--mem_repeats` times (fresh process each, methods interleaved); median and IQR.
 - saved activations: bytes of the tensors autograd saves for backward during one training forward (deduplicated by
   storage, parameters excluded). Deterministic, so it explains memory differences without the RSS noise.
 - trainable parameters (without and with the classifier head) and bytes a client uploads per federated round: the
@@ -166,12 +167,13 @@ def saved_activation_bytes(model: nn.Module, inputs: dict[str, torch.Tensor]) ->
     return total
 
 
-def _rss_kb() -> int:
+def _status_kb(field: str) -> int:
+    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`) in kB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def memory_worker(method: str, batch_path: str, steps: int, threads: int) -> dict[str, Any]:
@@ -184,17 +186,26 @@ def memory_worker(method: str, batch_path: str, steps: int, threads: int) -> dic
     optimizer = make_optimizer(model)
     inputs = model_inputs(method, batch)
     gc.collect()
-    baseline_kb = _rss_kb()
+    baseline_kb = _status_kb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # reset the peak-RSS mark (VmHWM, and with it ru_maxrss) to the current RSS
+            handle.write("5")  # reset this process's peak-RSS mark (VmHWM) to the current RSS
         reset = True
     except OSError:
         reset = False
     for _ in range(steps):
         train_step(model, optimizer, inputs)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"baseline_rss_mb": baseline_kb / 1024, "peak_increase_mb": (peak_kb - baseline_kb) / 1024, "reset": reset}
+    # VmHWM is the peak RSS of this process's memory map since the reset. `ru_maxrss` would be the same number in a
+    # process started from a small one, but a child forked from a big Python process inherits the parent's RSS at
+    # fork as its `ru_maxrss` floor (kernel: signal->maxrss set at exec), which hides the training peak.
+    peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "baseline_rss_mb": baseline_kb / 1024,
+        "peak_rss_mb": peak_kb / 1024,
+        "peak_increase_mb": (peak_kb - baseline_kb) / 1024,
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mark_reset": reset,
+    }
 
 
 def measure_memory(methods: list[str], batch_path: str, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
@@ -317,6 +328,25 @@ def check_targets(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def package_provenance() -> dict[str, Any]:
+    """Which peft_c2a was measured: its location, a digest of its sources and the repository's HEAD commit."""
+    import hashlib
+
+    import peft_c2a
+
+    package = Path(peft_c2a.__file__).parent
+    digest = hashlib.sha256()
+    for source in sorted(package.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        head = ""
+    return {"peft_c2a_path": str(package), "peft_c2a_sources_sha256": digest.hexdigest(), "repo_head": head}
+
+
 def environment(threads: int) -> dict[str, Any]:
     import peft
     import transformers
@@ -336,6 +366,8 @@ def environment(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "load_average_at_start": os.getloadavg(),
+        **package_provenance(),
     }
 
 
@@ -375,8 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.threads)
     print(f"C2A overhead benchmark: {env['cpu_model']}, {env['cpu_count']} CPUs, {args.threads} threads, "
           f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}", flush=True)
+    print(f"peft_c2a from {env['peft_c2a_path']} (sources sha256 {env['peft_c2a_sources_sha256'][:12]}, "
+          f"repo HEAD {env['repo_head'][:10]}); load average {env['load_average_at_start']}", flush=True)
     batch = make_batch(args.batch_size, args.seq_len, args.seed)
-    print(f"batch: {tuple(batch['input_ids'].shape)} tokens, {int(batch['attention_mask'].sum())} non-padding", flush=True)
+    tokens = int(batch["attention_mask"].sum())
+    print(f"batch: {tuple(batch['input_ids'].shape)} tokens, {tokens} non-padding", flush=True)
 
     models = {m: build_model(m) for m in methods}
     inputs = {m: model_inputs(m, batch) for m in methods}
@@ -411,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         c2a, bottleneck = rows["c2a"], rows["bottleneck"]
         ratios["c2a_over_bottleneck_step_time"] = c2a["step_time_s"]["median"] / bottleneck["step_time_s"]["median"]
         # paired: per-round ratio (the two steps of a round ran back to back), then the median
-        paired = [a / b for a, b in zip(times["c2a"], times["bottleneck"])]
+        paired = [a / b for a, b in zip(times["c2a"], times["bottleneck"], strict=True)]
         ratios["c2a_over_bottleneck_step_time_paired_median"] = statistics.median(paired)
         if "peak_memory_mb" in c2a:
             ratios["c2a_over_bottleneck_peak_memory"] = (
@@ -419,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         ratios["c2a_over_bottleneck_saved_activations"] = c2a["saved_activation_mb"] / bottleneck["saved_activation_mb"]
     if {"c2a", "lora"} <= set(methods):
-        ratios["c2a_over_lora_upload_bytes"] = rows["c2a"]["upload_bytes_with_head"] / rows["lora"]["upload_bytes_with_head"]
+        ratios["c2a_over_lora_upload_bytes"] = (
+            rows["c2a"]["upload_bytes_with_head"] / rows["lora"]["upload_bytes_with_head"]
+        )
         ratios["c2a_over_lora_upload_bytes_no_head"] = (
             rows["c2a"]["upload_bytes_no_head"] / rows["lora"]["upload_bytes_no_head"]
         )
@@ -436,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             "mem_repeats": args.mem_repeats,
             "mem_steps": args.mem_steps,
             "optimizer": "AdamW lr=1e-3 over trainable parameters",
-            "memory_method": "fresh subprocess per method; peak ru_maxrss minus RSS after set-up, peak mark reset "
-            "via /proc/self/clear_refs before the first step",
+            "memory_method": "fresh subprocess per method; peak RSS (VmHWM, reset via /proc/self/clear_refs after "
+            "set-up) minus the RSS after set-up (model loaded and wrapped, optimizer built, batch loaded)",
         },
         "methods": rows,
         "ratios": ratios,
@@ -446,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         report["bert_base"] = bert_base_counts()
     report["verdicts"] = check_targets(report)
     report["wall_time_s"] = time.perf_counter() - wall_start
+    report["environment"]["load_average_at_end"] = os.getloadavg()
 
     print("\n" + markdown_table(report) + "\n")
     for name, value in ratios.items():
