@@ -48,6 +48,16 @@ def train_steps(model, batch, label_distribution, steps: int = 5, lr: float = 1e
     return losses
 
 
+def assert_descriptor_matters(model, batch) -> None:
+    """With a non-trivial adapter, two different client descriptors must give different outputs."""
+    make_non_trivial(model)
+    model.eval()
+    with torch.no_grad():
+        a = model(**batch, label_distribution=DESCRIPTORS[0]).logits
+        b = model(**batch, label_distribution=DESCRIPTORS[1]).logits
+    assert not torch.equal(a, b)
+
+
 DESCRIPTORS = torch.tensor([[8.0, 1.0, 1.0], [1.0, 8.0, 1.0], [1.0, 1.0, 8.0], [3.0, 3.0, 4.0]])
 
 
@@ -267,13 +277,7 @@ def test_plain_peft_model_forward_also_routes_descriptors(tiny_bert, batch):
     """`PeftModel.forward` bypasses the tuner's forward; the pre-hook on the wrapped model must still see the kwargs."""
     from peft import PeftModel
 
-    model = PeftModel(tiny_bert, c2a_config(task_type=None))
-    make_non_trivial(model)
-    model.eval()
-    with torch.no_grad():
-        a = model(**batch, label_distribution=DESCRIPTORS[0]).logits
-        b = model(**batch, label_distribution=DESCRIPTORS[1]).logits
-    assert not torch.equal(a, b)
+    assert_descriptor_matters(PeftModel(tiny_bert, c2a_config(task_type=None)), batch)
 
 
 # ---------------------------------------------------------------------------------------------------- trainability
@@ -327,13 +331,7 @@ def test_a_failed_wrap_leaves_no_hooks_behind(tiny_bert, batch):
     with pytest.raises(ValueError, match="one width"):
         get_peft_model(tiny_bert, c2a_config(target_modules=["output.dense", "intermediate.dense"]))
     assert not tiny_bert._forward_pre_hooks and "generate" not in vars(tiny_bert)
-    model = get_peft_model(tiny_bert, c2a_config())
-    make_non_trivial(model)
-    model.eval()
-    with torch.no_grad():
-        a = model(**batch, label_distribution=DESCRIPTORS[0]).logits
-        b = model(**batch, label_distribution=DESCRIPTORS[1]).logits
-    assert not torch.equal(a, b)
+    assert_descriptor_matters(get_peft_model(tiny_bert, c2a_config()), batch)
 
 
 def test_label_count_must_match_the_classifier(tiny_bert):

@@ -10,16 +10,25 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from peft_c2a import C2AConfig
 
 
-@pytest.fixture
-def gpt2_c2a():
+def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0)
-    model = get_peft_model(
-        GPT2LMHeadModel(config), C2AConfig(task_type="CAUSAL_LM", num_clients=3, bottleneck_dim=4, init_seed=0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0))
+
+
+def tiny_gpt2_c2a(peft_model_cls=None, **config):
+    """A tiny GPT-2 with a C2A adapter whose up path is switched on."""
+    c2a_config = C2AConfig(bottleneck_dim=4, init_seed=0, **config)
+    model = (
+        get_peft_model(tiny_gpt2(), c2a_config) if peft_model_cls is None else peft_model_cls(tiny_gpt2(), c2a_config)
     )
     with torch.no_grad():
         model.base_model.c2a_hypernet["default"].up_gain.fill_(0.5)
     return model.eval()
+
+
+@pytest.fixture
+def gpt2_c2a():
+    return tiny_gpt2_c2a(task_type="CAUSAL_LM", num_clients=3)
 
 
 def prompt():
@@ -67,11 +76,9 @@ def test_generation_depends_on_the_client(gpt2_c2a):
 
 
 def test_shared_integer_label_counts_with_several_return_sequences():
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0)
-    model = get_peft_model(GPT2LMHeadModel(config), C2AConfig(task_type="CAUSAL_LM", num_labels=3, bottleneck_dim=4))
+    model = tiny_gpt2_c2a(task_type="CAUSAL_LM", num_labels=3)
     input_ids, attention_mask = prompt()
-    out = model.eval().generate(
+    out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
         label_distribution=[3, 1, 0],
@@ -83,13 +90,9 @@ def test_shared_integer_label_counts_with_several_return_sequences():
 
 
 def test_beam_search_without_context_expands_per_prompt_descriptors():
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0)
-    model = get_peft_model(
-        GPT2LMHeadModel(config), C2AConfig(task_type="CAUSAL_LM", num_clients=3, use_context=False, bottleneck_dim=4)
-    )
+    model = tiny_gpt2_c2a(task_type="CAUSAL_LM", num_clients=3, use_context=False)
     input_ids, attention_mask = prompt()
-    out = model.eval().generate(
+    out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
         client_ids=torch.tensor([0, 2]),
@@ -103,11 +106,7 @@ def test_plain_peft_model_generate_accepts_descriptors():
     """`PeftModel.generate` (no task type) calls the base model's generate directly; it must take the descriptor."""
     from peft import PeftModel
 
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0)
-    model = PeftModel(GPT2LMHeadModel(config), C2AConfig(num_clients=3, bottleneck_dim=4, init_seed=0)).eval()
-    with torch.no_grad():
-        model.base_model.c2a_hypernet["default"].up_gain.fill_(0.5)
+    model = tiny_gpt2_c2a(PeftModel, num_clients=3)
     input_ids, attention_mask = prompt()
     runs = [
         model.generate(
