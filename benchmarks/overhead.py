@@ -26,8 +26,13 @@ What is measured:
 - BERT-base shape (random init, 12 x 768, num_labels=5): trainable non-head parameters of C2A r=16, bottleneck r=16
   and LoRA r=8.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py                  # full run, a few minutes on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py                  # full run, 4-8 minutes on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py --steps 3 --warmup 1 --mem_repeats 1   # smoke test
+
+Noise: `--threads` defaults to all cores. When other processes compete for those cores, every parallel op can stall on
+a preempted OpenMP worker, which penalises methods that dispatch many small ops (C2A does, see docs/benchmarks.md);
+compare with `--threads 1` on a busy machine. `--malloc_mmap_threshold 131072` removes most of glibc's heap retention
+from the peak-RSS numbers (run it with `--steps 0` to measure memory only).
 """
 
 from __future__ import annotations
@@ -211,19 +216,33 @@ def memory_worker(method: str, batch_path: str, steps: int, threads: int) -> dic
 def measure_memory(methods: list[str], batch_path: str, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for rep in range(args.mem_repeats):
-        order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+        order = methods[rep % len(methods) :] + methods[: rep % len(methods)]
         for method in order:
             command = [
-                sys.executable, __file__, "--_memory_worker", method, "--_batch", batch_path,
-                "--mem_steps", str(args.mem_steps), "--threads", str(args.threads),
+                sys.executable,
+                __file__,
+                "--_memory_worker",
+                method,
+                "--_batch",
+                batch_path,
+                "--mem_steps",
+                str(args.mem_steps),
+                "--threads",
+                str(args.threads),
             ]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            env = dict(os.environ)
+            if args.malloc_mmap_threshold is not None:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+            done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
             if done.returncode != 0:
                 raise RuntimeError(f"memory worker for {method} failed:\n{done.stderr[-4000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             results[method].append(result)
-            print(f"  memory {method:<10} rep {rep + 1}: +{result['peak_increase_mb']:.1f} MB "
-                  f"(baseline RSS {result['baseline_rss_mb']:.0f} MB)", flush=True)
+            print(
+                f"  memory {method:<10} rep {rep + 1}: +{result['peak_increase_mb']:.1f} MB "
+                f"(baseline RSS {result['baseline_rss_mb']:.0f} MB)",
+                flush=True,
+            )
     return results
 
 
@@ -374,7 +393,7 @@ def environment(threads: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps per method")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per method (0: skip timing)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per method")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=128)
@@ -385,9 +404,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mem_steps", type=int, default=3, help="training steps per memory process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--malloc_mmap_threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="set glibc's MALLOC_MMAP_THRESHOLD_ in the memory subprocesses (a fixed threshold makes freed blocks "
+        "above it go back to the OS at once, so peak RSS tracks live tensors instead of allocator retention)",
+    )
     parser.add_argument("--skip_bert_base", action="store_true", help="skip the BERT-base parameter counts")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also print torch.profiler's top-N ops (self CPU time) for each method")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print torch.profiler's top-N ops (self CPU time) for each method",
+    )
     parser.add_argument("--_memory_worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--_batch", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -405,10 +437,16 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = list(dict.fromkeys(args.methods))
     env = environment(args.threads)
-    print(f"C2A overhead benchmark: {env['cpu_model']}, {env['cpu_count']} CPUs, {args.threads} threads, "
-          f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}", flush=True)
-    print(f"peft_c2a from {env['peft_c2a_path']} (sources sha256 {env['peft_c2a_sources_sha256'][:12]}, "
-          f"repo HEAD {env['repo_head'][:10]}); load average {env['load_average_at_start']}", flush=True)
+    print(
+        f"C2A overhead benchmark: {env['cpu_model']}, {env['cpu_count']} CPUs, {args.threads} threads, "
+        f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}",
+        flush=True,
+    )
+    print(
+        f"peft_c2a from {env['peft_c2a_path']} (sources sha256 {env['peft_c2a_sources_sha256'][:12]}, "
+        f"repo HEAD {env['repo_head'][:10]}); load average {env['load_average_at_start']}",
+        flush=True,
+    )
     batch = make_batch(args.batch_size, args.seq_len, args.seed)
     tokens = int(batch["attention_mask"].sum())
     print(f"batch: {tuple(batch['input_ids'].shape)} tokens, {tokens} non-padding", flush=True)
@@ -419,11 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         rows[method]["saved_activation_mb"] = saved_activation_bytes(models[method], inputs[method]) / 2**20
 
-    print(f"timing: {args.warmup} warm-up + {args.steps} timed rounds, methods round-robin", flush=True)
-    times = measure_time(models, inputs, args.steps, args.warmup)
-    for method in methods:
-        rows[method]["step_time_s"] = summarize(times[method])
-        rows[method]["step_times_s"] = times[method]
+    times: dict[str, list[float]] = {}
+    if args.steps > 0:
+        print(f"timing: {args.warmup} warm-up + {args.steps} timed rounds, methods round-robin", flush=True)
+        times = measure_time(models, inputs, args.steps, args.warmup)
+        for method in methods:
+            rows[method]["step_time_s"] = summarize(times[method])
+            rows[method]["step_times_s"] = times[method]
 
     if args.profile:
         for method, table in profile_steps(models, inputs, args.profile).items():
@@ -444,10 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, float] = {}
     if {"c2a", "bottleneck"} <= set(methods):
         c2a, bottleneck = rows["c2a"], rows["bottleneck"]
-        ratios["c2a_over_bottleneck_step_time"] = c2a["step_time_s"]["median"] / bottleneck["step_time_s"]["median"]
-        # paired: per-round ratio (the two steps of a round ran back to back), then the median
-        paired = [a / b for a, b in zip(times["c2a"], times["bottleneck"], strict=True)]
-        ratios["c2a_over_bottleneck_step_time_paired_median"] = statistics.median(paired)
+        if times:
+            ratios["c2a_over_bottleneck_step_time"] = c2a["step_time_s"]["median"] / bottleneck["step_time_s"]["median"]
+            # paired: per-round ratio (the two steps of a round ran back to back), then the median
+            paired = [a / b for a, b in zip(times["c2a"], times["bottleneck"], strict=True)]
+            ratios["c2a_over_bottleneck_step_time_paired_median"] = statistics.median(paired)
         if "peak_memory_mb" in c2a:
             ratios["c2a_over_bottleneck_peak_memory"] = (
                 c2a["peak_memory_mb"]["median"] / bottleneck["peak_memory_mb"]["median"]
@@ -472,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "mem_repeats": args.mem_repeats,
             "mem_steps": args.mem_steps,
+            "threads": args.threads,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold,
             "optimizer": "AdamW lr=1e-3 over trainable parameters",
             "memory_method": "fresh subprocess per method; peak RSS (VmHWM, reset via /proc/self/clear_refs after "
             "set-up) minus the RSS after set-up (model loaded and wrapped, optimizer built, batch loaded)",
@@ -491,8 +534,10 @@ def main(argv: list[str] | None = None) -> int:
     if "bert_base" in report:
         print("\nBERT-base shape (12 x 768, num_labels=5), trainable parameters:")
         for method, counts in report["bert_base"].items():
-            print(f"  {method:<10} no head {counts['trainable_params_no_head']:>9,}   "
-                  f"with head {counts['trainable_params_with_head']:>9,}")
+            print(
+                f"  {method:<10} no head {counts['trainable_params_no_head']:>9,}   "
+                f"with head {counts['trainable_params_with_head']:>9,}"
+            )
     print()
     for line in report["verdicts"]:
         print(line)

@@ -121,3 +121,41 @@ def test_plain_peft_model_generate_accepts_descriptors():
         for client in (0, 1)
     ]
     assert (runs[0] - runs[1]).abs().max() > 1e-4
+
+
+def test_seq2seq_generate_conditions_the_encoder_too():
+    """generate() runs a seq2seq encoder on its own; it must see the descriptor given to generate()."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=50, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2, decoder_start_token_id=0, pad_token_id=0
+    )
+    model = get_peft_model(
+        T5ForConditionalGeneration(config),
+        C2AConfig(task_type="SEQ_2_SEQ_LM", num_clients=3, bottleneck_dim=4, init_seed=0),
+    ).eval()
+    with torch.no_grad():
+        model.base_model.c2a_hypernet["default"].up_gain.fill_(0.5)
+        model.base_model.c2a_hypernet["default"].client_embedding.mul_(5.0)
+    input_ids, attention_mask = prompt()
+    client_ids = torch.tensor([1, 2])
+    with torch.no_grad():
+        model(input_ids=input_ids, decoder_input_ids=input_ids, client_ids=torch.tensor([0, 0]))  # a stale forward
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            client_ids=client_ids,
+            max_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        full = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=out.sequences[:, :-1],
+            client_ids=client_ids,
+        ).logits
+    for step, step_logits in enumerate(out.logits):
+        assert (step_logits - full[:, step]).abs().max() <= 1e-4, step

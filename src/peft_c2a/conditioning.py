@@ -100,6 +100,10 @@ class C2ARuntime:
         hypernets: the tuner's `ModuleDict` of hypernetworks, one per adapter name (held by reference, so it is not
             registered, and not saved, under every layer).
         static_embeddings: per adapter, the descriptor part of the client embedding, `(1 or batch, k)` or `None`.
+        generators: per adapter, the row-normalised generator bases of this forward (computed once, shared by all
+            sites; computed outside any checkpointed layer, so gradient checkpointing re-uses rather than re-records
+            them).
+        in_forward: whether a top-level forward is running (an encoder called alone, as by `generate()`, is not).
         attention_mask / encoder_mask / decoder_mask: masks of the current forward (`None` means no padding).
         batch_size: examples in the current forward, to unflatten `(batch * length, hidden)` adapter inputs.
         past_length: positions already in the KV cache (0 outside cached decoding).
@@ -107,6 +111,8 @@ class C2ARuntime:
 
     hypernets: nn.ModuleDict
     static_embeddings: dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+    generators: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    in_forward: bool = False
     attention_mask: Optional[torch.Tensor] = None
     encoder_mask: Optional[torch.Tensor] = None
     decoder_mask: Optional[torch.Tensor] = None
@@ -127,6 +133,7 @@ class C2ARuntime:
             ids = self.ambient.get("client_ids")
 
         self.static_embeddings = {}
+        self.generators = {}
         for name in self.active_adapters:
             if name not in self.hypernets:
                 continue
@@ -157,6 +164,7 @@ class C2ARuntime:
             elif ids is not None:
                 raise ValueError("`client_ids` was passed but the C2A adapter has no client embedding (`num_clients`).")
             self.static_embeddings[name] = hyper.descriptor_embedding(probs, client_ids)
+            self.generators[name] = hyper.generators()
 
     @contextmanager
     def descriptor(self, **descriptor: Any) -> Iterator[None]:

@@ -193,7 +193,7 @@ class C2ALayer(_BottleneckLayerBase):
             pooled = self._pooled_context(hidden, adapter_name, length)
             embedding = (embedding.unsqueeze(1) if pooled.dim() == 3 else embedding) + hyper.context_embedding(pooled)
 
-        gen_down, gen_up = hyper.generators()  # (k, r, d) each
+        gen_down, gen_up = runtime.generators.get(adapter_name) or hyper.generators()  # (k, r, d) each
         gain = hyper.up_gain_for(layer_id, site)
         act = self.adapter_act[adapter_name]
         down_bias, up_bias = self.c2a_down_bias[adapter_name], self.c2a_up_bias[adapter_name]

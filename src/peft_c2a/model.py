@@ -289,15 +289,25 @@ class C2AModel(_BottleneckTunerBase):
             descriptor = {name: kwargs.pop(name) for name in DESCRIPTOR_KWARGS if name in kwargs}
             runtime.record_inputs(bind_forward_arguments(module, args, kwargs))
             runtime.begin_forward(descriptor, training=module.training)
+            runtime.in_forward = True
             return args, kwargs
 
+        def after_forward(module: nn.Module, args: tuple, output: Any) -> None:
+            runtime.in_forward = False
+
         def before_encoder(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            # generate() runs the encoder of a seq2seq model on its own, so its mask is taken here
+            # generate() runs the encoder of a seq2seq model on its own: take its mask, and its descriptor from the
+            # ambient one that `generate(label_distribution=..., client_ids=...)` set
             bound = bind_forward_arguments(module, args, kwargs)
             runtime.encoder_mask = bound.get("attention_mask")
-            runtime.batch_size = infer_batch_size(bound)
+            if not runtime.in_forward:
+                runtime.batch_size = infer_batch_size(bound)
+                runtime.begin_forward({}, training=module.training)
 
-        self._c2a_hooks = [model.register_forward_pre_hook(before_forward, with_kwargs=True)]
+        self._c2a_hooks = [
+            model.register_forward_pre_hook(before_forward, with_kwargs=True),
+            model.register_forward_hook(after_forward, always_call=True),
+        ]
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
             encoder = model.get_encoder()
             self._c2a_hooks.append(encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
@@ -378,6 +388,7 @@ class C2AModel(_BottleneckTunerBase):
         super().delete_adapter(adapter_name)
         del self.c2a_hypernet[adapter_name]
         self._c2a_runtime.static_embeddings.pop(adapter_name, None)
+        self._c2a_runtime.generators.pop(adapter_name, None)
         self._sync_hypernet_grad()
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
