@@ -4,7 +4,7 @@ Each client's adapter is generated from its own label distribution, computed fro
 mix both clients' examples; every example carries its client's descriptor. At the end the script prints each
 client's test accuracy with its own descriptor and with the uniform (unknown-client) descriptor.
 
-    python examples/two_client_finetune.py                 # C2A, about 3 minutes on 2 CPU cores
+    python examples/two_client_finetune.py                 # C2A, about 2 minutes on 2 CPU cores
     python examples/two_client_finetune.py --method bottleneck
 
 Everything runs offline on assets that ship inside PyPI packages (see `peft_c2a.assets`).
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_seq_length", type=int, default=128)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/two_client_finetune")
     args = parser.parse_args()
