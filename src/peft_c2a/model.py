@@ -174,9 +174,11 @@ class C2AModel(_BottleneckTunerBase):
                     "label distribution must describe the classes the model predicts."
                 )
         plan = self._plan_sites(config, model, targets)
+        hidden_size = _out_features(targets[0][1])
+        num_layers = 1 + max(site["layer_id"] for site in plan.values())
         # `add_adapter` and `load_adapter` call `inject_adapter` directly (not `_pre_injection_hook`), so the shared
         # hypernetwork is built here, after every check and before PEFT walks the model and creates the layers.
-        hypernetwork = self._build_hypernetwork(config, model)
+        hypernetwork = self._build_hypernetwork(config, model, hidden_size, num_layers)
         if "c2a_hypernet" not in self._modules:
             self.c2a_hypernet = nn.ModuleDict()
             self._c2a_runtime = C2ARuntime(hypernets=self.c2a_hypernet, active_adapters=list(self.active_adapters))
@@ -201,7 +203,7 @@ class C2AModel(_BottleneckTunerBase):
     def _plan_sites(
         self, config: C2AConfig, model: nn.Module, targets: list[tuple[str, nn.Module]]
     ) -> dict[str, dict[str, Any]]:
-        """Layer id, site kind and context mode of every targeted module; sets the hypernetwork's dimensions."""
+        """Layer id, site kind and context mode of every targeted module (all of one output width)."""
         if not targets:
             raise ValueError("C2A needs `target_modules` that match the model (the hypernetwork is sized from them).")
         widths = {_out_features(module) for _, module in targets}
@@ -225,12 +227,11 @@ class C2AModel(_BottleneckTunerBase):
                 "causal": causal,
                 "encoder_decoder": encoder_decoder,
             }
-        self._c2a_hidden_size = widths.pop()
-        self._c2a_num_layers = len(layer_ids)
         return plan
 
-    def _build_hypernetwork(self, config: C2AConfig, model: nn.Module) -> C2AHyperNetwork:
-        hidden_size, num_layers = self._c2a_hidden_size, self._c2a_num_layers
+    def _build_hypernetwork(
+        self, config: C2AConfig, model: nn.Module, hidden_size: int, num_layers: int
+    ) -> C2AHyperNetwork:
         generator = None
         if config.init_seed is not None:
             generator = torch.Generator().manual_seed(config.init_seed)
