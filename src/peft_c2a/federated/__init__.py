@@ -1,0 +1,54 @@
+"""Federated fine-tuning of any PEFT model with `transformers.Trainer` machinery.
+
+- `FederatedTrainingArguments` / `FederatedTrainer`: rounds, client sampling, FedAvg / FedProx / FedAdam / FedYogi,
+  local-only and centralised baselines, per-client metrics, bytes accounting, atomic checkpoints and exact resume;
+  clients are sharded across processes under `accelerate launch` / `torchrun`.
+- `partitioning`: IID, Dirichlet label skew, group (language) skew with Dirichlet labels inside each group, quantity
+  skew, personal test splits that follow each client's label mix, and a client x label heatmap.
+
+This package depends on the tuner (`peft_c2a.config`), never the other way round.
+"""
+
+from .aggregation import FedAdamServer, FedAvgServer, UpdateAccumulator, make_server_optimizer, state_nbytes
+from .arguments import FederatedTrainingArguments
+from .checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from .clients import ClientData, DescriptorCollator, DescriptorSpec
+from .metrics import classification_metrics, summarize_clients, write_history
+from .partitioning import (
+    client_datasets_from_partitions,
+    dirichlet_label_partition,
+    group_dirichlet_partition,
+    iid_partition,
+    label_counts,
+    partition_like,
+    plot_label_heatmap,
+    quantity_skew_partition,
+)
+from .trainer import FederatedTrainer
+
+__all__ = [
+    "CheckpointError",
+    "ClientData",
+    "DescriptorCollator",
+    "DescriptorSpec",
+    "FedAdamServer",
+    "FedAvgServer",
+    "FederatedTrainer",
+    "FederatedTrainingArguments",
+    "UpdateAccumulator",
+    "classification_metrics",
+    "client_datasets_from_partitions",
+    "dirichlet_label_partition",
+    "group_dirichlet_partition",
+    "iid_partition",
+    "label_counts",
+    "latest_checkpoint",
+    "make_server_optimizer",
+    "partition_like",
+    "plot_label_heatmap",
+    "quantity_skew_partition",
+    "read_checkpoint",
+    "state_nbytes",
+    "summarize_clients",
+    "write_history",
+]

@@ -1,0 +1,158 @@
+"""`FederatedTrainingArguments`: the `TrainingArguments` of a federation.
+
+Every `TrainingArguments` field keeps its meaning for *local* training on one client (learning rate, batch size,
+gradient accumulation, mixed precision, optimizer, scheduler, gradient clipping ...). The fields added here describe
+the federation around it: how many rounds, which clients take part in each round, how their updates are combined,
+and when to evaluate and checkpoint. `num_train_epochs` / `max_steps` are not used: a client trains for
+`local_epochs` (or `local_max_steps`) in every round it is sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedyogi")
+FEDERATION_MODES = ("federated", "local", "centralized")
+_DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
+
+
+@dataclass
+class FederatedTrainingArguments(TrainingArguments):
+    """Arguments of `FederatedTrainer`: `TrainingArguments` for local training plus the federation's own settings.
+
+    All fields are settable from the command line with `transformers.HfArgumentParser`.
+
+    Args:
+        num_rounds (`int`, defaults to 10):
+            Number of federated rounds. In each round the sampled clients train locally from the current global
+            state and the server aggregates their updates.
+        clients_per_round (`int`, *optional*):
+            How many clients are sampled in each round. Takes precedence over `client_fraction`.
+        client_fraction (`float`, defaults to 1.0):
+            Fraction of the training clients sampled in each round (rounded up, at least one) when
+            `clients_per_round` is not set.
+        local_epochs (`float`, defaults to 1.0):
+            Passes over its own data that a sampled client makes in a round. Fractions are allowed (0.5 = half the
+            client's batches).
+        local_max_steps (`int`, defaults to -1):
+            If positive, every sampled client makes exactly this many optimizer steps per round (cycling through its
+            data as needed) and `local_epochs` is ignored.
+        aggregation (`str`, defaults to `"fedavg"`):
+            How updates are combined: `"fedavg"` (example-weighted mean of the client updates), `"fedprox"` (FedAvg
+            with a proximal term `proximal_mu / 2 * ||w - w_global||^2` added to every local loss), `"fedadam"` or
+            `"fedyogi"` (the example-weighted mean update is the pseudo-gradient of a server-side Adam / Yogi step,
+            Reddi et al. 2021).
+        proximal_mu (`float`, defaults to 0.01):
+            Strength of FedProx's proximal term. Used only with `aggregation="fedprox"`.
+        server_learning_rate (`float`, *optional*):
+            Server step size. Defaults to 1.0 for FedAvg/FedProx (the plain mean update) and 1e-2 for FedAdam/FedYogi.
+        server_beta1 (`float`, defaults to 0.9):
+            First-moment decay of the FedAdam/FedYogi server optimizer.
+        server_beta2 (`float`, defaults to 0.99):
+            Second-moment decay of the FedAdam/FedYogi server optimizer.
+        server_tau (`float`, defaults to 1e-3):
+            Adaptivity (epsilon) of the FedAdam/FedYogi server optimizer.
+        min_clients_per_round (`int`, defaults to 1):
+            A round needs at least this many usable client updates. Clients whose local training raises, or whose
+            update is not finite, are dropped from the round; if fewer than this remain, training stops with an error
+            (the last checkpoint stays intact).
+        eval_every_rounds (`int`, defaults to 1):
+            Evaluate (global, personalised and unseen clients) every this many rounds, and always after the last
+            round. 0 evaluates only after the last round.
+        save_every_rounds (`int`, defaults to 1):
+            Write a checkpoint `output_dir/round-{k}/` every this many rounds, and always after the last round.
+            0 disables checkpoints. `save_total_limit` keeps only the newest ones.
+        reset_optimizer_each_round (`bool`, defaults to `True`):
+            Build a fresh local optimizer (and learning-rate schedule) for every client in every round, as federated
+            clients do. `False` keeps one optimizer whose moment estimates carry over from client to client and round
+            to round (the plain `Trainer`'s behaviour when `train()` is called repeatedly); it is supported in a
+            single process only.
+        federation_mode (`str`, defaults to `"federated"`):
+            `"federated"` aggregates updates as set by `aggregation`. `"local"` is the local-only baseline: every
+            client keeps and trains its own copy of the trainable state and nothing is aggregated (the
+            personalisation reference). `"centralized"` pools all training clients' data into one client trained
+            every round (the upper bound); C2A examples keep their own client's descriptor.
+        client_sampling_seed (`int`, *optional*):
+            Seed of the per-round client sampling. Defaults to `seed`. Local training is reseeded from `seed`, the
+            round and the client, so results do not depend on the process that trains a client or on resumption.
+    """
+
+    num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds."})
+    clients_per_round: Optional[int] = field(
+        default=None, metadata={"help": "Clients sampled per round (takes precedence over client_fraction)."}
+    )
+    client_fraction: float = field(default=1.0, metadata={"help": "Fraction of training clients sampled per round."})
+    local_epochs: float = field(default=1.0, metadata={"help": "Local epochs of a sampled client in one round."})
+    local_max_steps: int = field(
+        default=-1, metadata={"help": "If > 0: local optimizer steps per round (overrides local_epochs)."}
+    )
+    aggregation: str = field(default="fedavg", metadata={"help": "Server aggregation.", "choices": list(AGGREGATIONS)})
+    proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal term strength."})
+    server_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Server step size (default 1.0 for fedavg/fedprox, 1e-2 for fedadam/fedyogi)."}
+    )
+    server_beta1: float = field(default=0.9, metadata={"help": "FedAdam/FedYogi first-moment decay."})
+    server_beta2: float = field(default=0.99, metadata={"help": "FedAdam/FedYogi second-moment decay."})
+    server_tau: float = field(default=1e-3, metadata={"help": "FedAdam/FedYogi adaptivity (epsilon)."})
+    min_clients_per_round: int = field(default=1, metadata={"help": "Minimum usable client updates per round."})
+    eval_every_rounds: int = field(default=1, metadata={"help": "Evaluate every k rounds (0: only at the end)."})
+    save_every_rounds: int = field(default=1, metadata={"help": "Checkpoint every k rounds (0: never)."})
+    reset_optimizer_each_round: bool = field(
+        default=True, metadata={"help": "Fresh local optimizer for every client in every round."}
+    )
+    federation_mode: str = field(
+        default="federated",
+        metadata={"help": "federated, local (baseline) or centralized (baseline).", "choices": list(FEDERATION_MODES)},
+    )
+    client_sampling_seed: Optional[int] = field(
+        default=None, metadata={"help": "Seed of the client sampling (defaults to seed)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.aggregation = self.aggregation.lower()
+        self.federation_mode = self.federation_mode.lower()
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
+        if self.federation_mode not in FEDERATION_MODES:
+            raise ValueError(f"`federation_mode` must be one of {FEDERATION_MODES}, got {self.federation_mode!r}.")
+        if self.num_rounds < 1:
+            raise ValueError(f"`num_rounds` must be >= 1, got {self.num_rounds}.")
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            raise ValueError(f"`clients_per_round` must be >= 1, got {self.clients_per_round}.")
+        if not 0.0 < self.client_fraction <= 1.0:
+            raise ValueError(f"`client_fraction` must lie in (0, 1], got {self.client_fraction}.")
+        if self.local_max_steps <= 0 and not self.local_epochs > 0:
+            raise ValueError(f"`local_epochs` must be > 0 when `local_max_steps` is not set, got {self.local_epochs}.")
+        if self.min_clients_per_round < 1:
+            raise ValueError(f"`min_clients_per_round` must be >= 1, got {self.min_clients_per_round}.")
+        if self.eval_every_rounds < 0 or self.save_every_rounds < 0:
+            raise ValueError("`eval_every_rounds` and `save_every_rounds` must be >= 0.")
+        if self.aggregation == "fedprox" and self.proximal_mu < 0:
+            raise ValueError(f"`proximal_mu` must be >= 0, got {self.proximal_mu}.")
+        if self.server_learning_rate is not None and not self.server_learning_rate > 0:
+            raise ValueError(f"`server_learning_rate` must be > 0, got {self.server_learning_rate}.")
+        if not (0.0 <= self.server_beta1 < 1.0 and 0.0 <= self.server_beta2 < 1.0 and self.server_tau > 0):
+            raise ValueError("Server optimizer needs 0 <= server_beta1, server_beta2 < 1 and server_tau > 0.")
+
+    @property
+    def effective_server_learning_rate(self) -> float:
+        """The server step size: `server_learning_rate`, or the default of the chosen aggregation."""
+        if self.server_learning_rate is not None:
+            return self.server_learning_rate
+        return _DEFAULT_SERVER_LR[self.aggregation]
+
+    @property
+    def effective_client_sampling_seed(self) -> int:
+        """Seed of the per-round client sampling: `client_sampling_seed`, else `seed`."""
+        return self.seed if self.client_sampling_seed is None else self.client_sampling_seed
+
+    def num_sampled_clients(self, num_available: int) -> int:
+        """How many of `num_available` training clients one round samples."""
+        if self.clients_per_round is not None:
+            return min(self.clients_per_round, num_available)
+        return max(1, min(num_available, math.ceil(self.client_fraction * num_available)))

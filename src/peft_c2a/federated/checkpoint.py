@@ -1,0 +1,206 @@
+"""Round checkpoints: written atomically, verified before use, safetensors and JSON only (nothing is unpickled).
+
+A checkpoint is a folder `round-{k}/`. It is assembled in a temporary sibling folder and renamed into place only
+once every file is written and flushed, so a crash at any moment leaves either the complete folder or none.
+`checkpoint_manifest.json` is written last and lists the SHA-256 of every other file: a folder without it is not a
+checkpoint, and a file whose hash differs (truncated, edited, bit rot) makes loading fail with a clear error
+instead of resuming from damaged state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "checkpoint_manifest.json"
+CHECKPOINT_PATTERN = re.compile(r"^round-(\d+)$")
+_TEMPORARY_PATTERN = re.compile(r"^\.round-\d+\.(tmp|stale)-\d+$")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A federated checkpoint is missing, incomplete, corrupt or does not match the current run."""
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, round_index: int) -> Path:
+    """Where the checkpoint of round `round_index` lives."""
+    return Path(output_dir) / f"round-{round_index}"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints (folders with a manifest) in `output_dir`, oldest round first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = CHECKPOINT_PATTERN.match(child.name)
+        if match and child.is_dir() and (child / MANIFEST).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint in `output_dir`, or `None`."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def write_checkpoint(
+    output_dir: str | os.PathLike,
+    round_index: int,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    documents: Mapping[str, Any],
+    write_extra: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Write `round-{round_index}/` atomically and return its path.
+
+    Args:
+        output_dir: the run's output folder.
+        round_index: the round just finished.
+        tensors: file name -> tensors, each written as one safetensors file.
+        documents: file name -> JSON-serialisable object.
+        write_extra: called with the temporary folder to add more files (e.g. `PeftModel.save_pretrained`).
+    """
+    final = checkpoint_dir(output_dir, round_index)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, state in tensors.items():
+        save_file({key: value.detach().contiguous().cpu() for key, value in state.items()}, str(tmp / name))
+    for name, document in documents.items():
+        (tmp / name).write_text(json.dumps(document, indent=1))
+    if write_extra is not None:
+        write_extra(tmp)
+    files = sorted(str(path.relative_to(tmp)) for path in tmp.rglob("*") if path.is_file())
+    manifest = {"format_version": FORMAT_VERSION, "round": round_index, "sha256": {f: _sha256(tmp / f) for f in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for path in [*(tmp / f for f in files), tmp / MANIFEST]:
+        _fsync(path)
+    if final.exists():
+        # Only reached when a run restarts from an older checkpoint on purpose: the newer folder is replaced whole.
+        stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(final.parent)
+    return final
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Verify a checkpoint against its manifest and load it.
+
+    Returns:
+        (tensors, documents): safetensors files as `name -> {key: tensor}` and JSON files as `name -> object`.
+
+    Raises:
+        CheckpointError: the folder is missing, has no manifest, a file is missing or its hash differs, or a file
+            cannot be parsed.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"Checkpoint {path} does not exist or is not a folder.")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        hashes = manifest["sha256"]
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete federated checkpoint.") from error
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path / MANIFEST} is corrupt: {error}") from error
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {manifest.get('format_version')}, expected {FORMAT_VERSION}."
+        )
+    tensors, documents = {}, {}
+    for name, expected in hashes.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"Checkpoint file {file} is missing.")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"Checkpoint file {file} is corrupt (its SHA-256 does not match the manifest).")
+        if name.endswith(".safetensors") and "/" not in name:
+            try:
+                tensors[name] = load_file(str(file))
+            except (SafetensorError, OSError) as error:
+                raise CheckpointError(f"Checkpoint file {file} cannot be read: {error}") from error
+        elif name.endswith(".json") and "/" not in name:
+            try:
+                documents[name] = json.loads(file.read_text())
+            except ValueError as error:
+                raise CheckpointError(f"Checkpoint file {file} is not valid JSON: {error}") from error
+    return tensors, documents
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete half-written `.round-*.tmp-*` / `.round-*.stale-*` folders left by crashed runs; return what went."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    stale = [child for child in root.iterdir() if child.is_dir() and _TEMPORARY_PATTERN.match(child.name)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep: Optional[int]) -> None:
+    """Delete all but the `keep` newest checkpoints (`None` or <= 0 keeps all)."""
+    if not keep or keep <= 0:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def optimizer_to_tensors(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a torch optimizer `state_dict()` into tensors (for safetensors) and JSON-able metadata."""
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}/{key}"] = value
+            else:
+                scalars[f"{index}/{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Rebuild a torch optimizer `state_dict()` from `optimizer_to_tensors`' output."""
+    state: dict[int, dict[str, Any]] = {}
+    for items in (tensors.items(), metadata["scalars"].items()):
+        for flat_key, value in items:
+            index, key = flat_key.split("/", 1)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": metadata["param_groups"]}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,175 @@
+"""Metrics of a federation: classification scores, per-client summaries, and the history files.
+
+Accuracy and macro-F1 are computed here with numpy rather than loaded through `evaluate`: `evaluate.load("f1")`
+fetches its metric script from the Hub, which fails offline. The definitions follow scikit-learn's
+`accuracy_score` and `f1_score(average="macro")` (classes = the union of true and predicted labels; a class with no
+true and no predicted example does not count) and the tests check them against scikit-learn.
+
+Per-client results are summarised the way federated papers report them: mean over clients, example-weighted mean,
+worst client, and standard deviation across clients.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+PLOTTED_METRICS = (
+    ("eval_global_accuracy", "global (uniform descriptor)"),
+    ("eval_personalized_mean_accuracy", "personalised mean"),
+    ("eval_personalized_worst_accuracy", "personalised worst client"),
+    ("eval_unseen_mean_accuracy", "unseen clients mean"),
+)
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 of predicted class ids against labels (positions labelled -100 are ignored)."""
+    predictions = np.asarray(predictions).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} differ in shape.")
+    keep = labels != IGNORE_INDEX
+    predictions, labels = predictions[keep], labels[keep]
+    if labels.size == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "num_examples": 0}
+    classes = np.union1d(labels, predictions)
+    f1_scores = []
+    for cls in classes:
+        true_positive = np.sum((predictions == cls) & (labels == cls))
+        predicted, actual = np.sum(predictions == cls), np.sum(labels == cls)
+        denominator = predicted + actual
+        f1_scores.append(0.0 if denominator == 0 else 2.0 * true_positive / denominator)
+    return {
+        "accuracy": float(np.mean(predictions == labels)),
+        "macro_f1": float(np.mean(f1_scores)),
+        "num_examples": int(labels.size),
+    }
+
+
+def summarize_clients(per_client: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str, float]:
+    """Mean, example-weighted mean, worst client and std across clients of each score in `per_client`.
+
+    Args:
+        per_client: client name -> its scores (must include `num_examples`).
+        prefix: e.g. `"eval_personalized"`; keys come out as `f"{prefix}_{stat}_{score}"`.
+    """
+    if not per_client:
+        return {}
+    scores = sorted({key for values in per_client.values() for key in values if key != "num_examples"})
+    summary: dict[str, float] = {f"{prefix}_num_clients": len(per_client)}
+    for score in scores:
+        pairs = [
+            (float(values[score]), float(values.get("num_examples", 1)))
+            for values in per_client.values()
+            if score in values and math.isfinite(float(values[score]))
+        ]
+        if not pairs:
+            continue
+        values, weights = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        summary[f"{prefix}_mean_{score}"] = float(values.mean())
+        summary[f"{prefix}_weighted_{score}"] = float((values * weights).sum() / max(weights.sum(), 1e-12))
+        summary[f"{prefix}_worst_{score}" if score != "loss" else f"{prefix}_max_{score}"] = float(
+            values.max() if score == "loss" else values.min()
+        )
+        summary[f"{prefix}_std_{score}"] = float(values.std())
+    return summary
+
+
+def scalar_items(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric, non-nested entries of a history record (what goes to loggers and the CSV)."""
+    return {
+        key: value for key, value in record.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+_QUIET_SUFFIXES = ("_num_examples", "_weighted_loss", "_max_loss", "_std_loss", "_weighted_macro_f1", "_std_macro_f1")
+_QUIET_KEYS = {
+    "num_sampled_clients",
+    "num_train_examples",
+    "local_steps",
+    "bytes_up_per_client",
+    "train_time",
+    "eval_time",
+    "wall_time",
+}
+
+
+def loggable_items(record: Mapping[str, Any]) -> dict[str, float]:
+    """The headline scalars of a history record, for the Trainer's loggers and the console (the rest stays in
+    `history.json`)."""
+    return {
+        key: value
+        for key, value in scalar_items(record).items()
+        if key not in _QUIET_KEYS and not key.endswith(_QUIET_SUFFIXES)
+    }
+
+
+def write_history(history: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, plot: bool = True) -> None:
+    """Write `history.json` (one dict per round), `history.csv` (its scalar columns) and `accuracy.png`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(output_dir / "history.json", json.dumps(list(history), indent=1, default=_json_default))
+    rows = [scalar_items(record) for record in history]
+    columns = ["round"] + sorted({key for row in rows for key in row} - {"round"})
+    tmp = output_dir / "history.csv.tmp"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, output_dir / "history.csv")
+    if plot:
+        plot_history(history, output_dir / "accuracy.png")
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Draw accuracy vs round (global, personalised mean and worst, unseen) to a PNG; `None` if nothing to draw."""
+    series = {
+        label: [(r["round"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
+        for key, label in PLOTTED_METRICS
+    }
+    series = {label: points for label, points in series.items() if points}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, points in series.items():
+        rounds, values = zip(*points, strict=True)
+        axis.plot(rounds, values, marker="o", label=label)
+    axis.set_xlabel("round")
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,708 @@
+"""`FederatedTrainer`: a `transformers.Trainer` that runs a federation of clients instead of one training run.
+
+One round: sample clients (seeded by the round), and for each sampled client load the global trainable state,
+train locally with the Trainer's own machinery (`training_step`, `compute_loss`, optimizer and scheduler factories,
+gradient accumulation, mixed precision through accelerate), and return `local - global` with the client's example
+count; the server averages the updates by example count and applies them (FedAvg / FedProx / FedAdam / FedYogi);
+then evaluate, log and checkpoint.
+
+Design choices worth knowing:
+- *Clients, not batches, are distributed.* Under `accelerate launch` or `torchrun` every process trains its share
+  of the round's clients on its own (the model is never wrapped in DDP); the example-weighted sums of their
+  updates are all-reduced once per round. Each client's local training is seeded from `(seed, round, client)`, so
+  the result is the same with any number of processes and after resuming.
+- *The trainable state is what communicates.* Whatever `requires_grad` -- a C2A hypernetwork, bottleneck or LoRA
+  weights, a classifier head, prompt embeddings -- is sent down, trained, and sent back. Any PEFT model (or a plain
+  model with some parameters frozen) works; only C2A models get client descriptors.
+- *Descriptors are local.* A C2A client's label distribution is computed from its own training labels and attached
+  to its batches by a collator; the server never needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from peft import PeftModel
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import nested_concat, nested_numpify
+from transformers.trainer_utils import EvalPrediction, TrainOutput, set_seed
+
+from .aggregation import UpdateAccumulator, make_server_optimizer, non_finite_tensors, state_nbytes
+from .arguments import FederatedTrainingArguments
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    prune_checkpoints,
+    read_checkpoint,
+    remove_stale_temporaries,
+    write_checkpoint,
+)
+from .clients import (
+    DESCRIPTOR_COLUMNS,
+    ClientData,
+    DescriptorCollator,
+    build_clients,
+    descriptor_spec,
+    expected_num_labels,
+)
+from .metrics import classification_metrics, loggable_items, scalar_items, summarize_clients, write_history
+
+logger = logging.getLogger(__name__)
+
+POOLED_CLIENT = "__pooled__"
+TRAINABLE_STATE_FILE = "trainable_state.safetensors"
+SERVER_STATE_FILE = "server_optimizer.safetensors"
+CLIENT_STATES_FILE = "client_states.safetensors"
+OPTIMIZER_FILE = "local_optimizer.safetensors"
+RNG_FILE = "rng_state.safetensors"
+FEDERATION_STATE_FILE = "federation_state.json"
+HISTORY_FILE = "history.json"
+
+TensorDict = dict[str, torch.Tensor]
+
+
+class FederatedTrainer(Trainer):
+    """A `Trainer` that fine-tunes one model across many clients by federated rounds.
+
+    Args:
+        model: the model to federate: a `PeftModel` (C2A, bottleneck, LoRA, IA3, prefix tuning ...) or any model whose
+            trainable parameters are the ones to share. For a C2A model every client's descriptor is computed from its
+            own training labels and passed with its batches.
+        args: a `FederatedTrainingArguments`.
+        client_datasets: client name -> its (tokenised) training dataset, with a label column.
+        client_eval_datasets: client name -> its own test dataset, for personalised evaluation with its own
+            descriptor (and own state in the local-only baseline).
+        eval_dataset: a global test set, evaluated with the global state and no descriptor (C2A: uniform).
+        unseen_clients: names in `client_datasets` that never train: they are evaluated on their
+            `client_eval_datasets` entry with a descriptor computed from their own training labels (clients that
+            join after training).
+        processing_class, data_collator, compute_metrics, callbacks, preprocess_logits_for_metrics: as in `Trainer`.
+            `compute_metrics` (if given) is called once per evaluated client; its scores are summarised like the
+            built-in accuracy and macro-F1.
+
+    Raises:
+        ValueError: bad input found before any training: no clients, an empty client, labels outside
+            `[0, num_labels)`, a descriptor column of the wrong width, unknown unseen clients, ...
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: FederatedTrainingArguments,
+        client_datasets: Mapping[str, Any],
+        client_eval_datasets: Optional[Mapping[str, Any]] = None,
+        eval_dataset: Any = None,
+        unseen_clients: Optional[Sequence[str]] = None,
+        processing_class: Any = None,
+        data_collator: Optional[Callable] = None,
+        compute_metrics: Optional[Callable[[EvalPrediction], dict]] = None,
+        callbacks: Optional[list[TrainerCallback]] = None,
+        optimizers: tuple[Optional[torch.optim.Optimizer], Any] = (None, None),
+        preprocess_logits_for_metrics: Optional[Callable] = None,
+    ) -> None:
+        if not isinstance(args, FederatedTrainingArguments):
+            raise TypeError(f"`args` must be a FederatedTrainingArguments, got {type(args).__name__}.")
+        if optimizers[0] is not None and args.reset_optimizer_each_round:
+            raise ValueError(
+                "A ready-made optimizer cannot be rebuilt for every client: choose it with `optim` / `optim_args`, "
+                "override `create_optimizer`, or set `reset_optimizer_each_round=False`."
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.args: FederatedTrainingArguments
+        # Local losses are per-batch means: most models ignore `num_items_in_batch` even though their forward takes
+        # `**kwargs`, so let `training_step` divide by the accumulation steps (transformers #47688).
+        self.model_accepts_loss_kwargs = False
+        self.descriptor_spec = descriptor_spec(self.model)
+        self.num_labels = expected_num_labels(self.model, self.descriptor_spec)
+        self.clients: dict[str, ClientData] = build_clients(
+            client_datasets, client_eval_datasets, self.descriptor_spec, self.num_labels
+        )
+        unseen = list(unseen_clients or [])
+        unknown = sorted(set(unseen) - set(self.clients))
+        if unknown:
+            raise ValueError(f"`unseen_clients` names clients missing from `client_datasets`: {unknown}.")
+        self.unseen_clients = sorted(unseen)
+        self.training_clients = [name for name in sorted(self.clients) if name not in set(unseen)]
+        if not self.training_clients:
+            raise ValueError("Every client is listed in `unseen_clients`: none is left to train.")
+        per_round = args.num_sampled_clients(len(self.training_clients))
+        if args.federation_mode != "centralized" and args.min_clients_per_round > per_round:
+            raise ValueError(
+                f"`min_clients_per_round={args.min_clients_per_round}` exceeds the {per_round} clients sampled per "
+                "round: every round would fail."
+            )
+        if not args.reset_optimizer_each_round and args.world_size > 1:
+            raise ValueError("`reset_optimizer_each_round=False` is supported in a single process only.")
+        if args.federation_mode == "centralized":
+            self._pooled = self._pool_training_clients()
+        self.history: list[dict[str, Any]] = []
+        self.global_state: TensorDict = {}
+        self.client_states: dict[str, TensorDict] = {}
+        self.server_optimizer = make_server_optimizer(args)
+        self._proximal_anchor: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+
+    # ---- the trainable state -------------------------------------------------------------------------------------
+
+    def _trainable_parameters(self) -> dict[str, nn.Parameter]:
+        params = {name: param for name, param in self.model.named_parameters() if param.requires_grad}
+        if not params:
+            raise ValueError("The model has no trainable parameters: there is nothing to federate.")
+        return params
+
+    def get_trainable_state(self) -> TensorDict:
+        """A CPU copy of every trainable tensor of the model (what a round sends down and gets back)."""
+        return {name: param.detach().to("cpu", copy=True) for name, param in self._trainable_parameters().items()}
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy `state` into the model's trainable parameters (names and shapes must match exactly)."""
+        params = self._trainable_parameters()
+        if set(state) != set(params):
+            missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+            raise ValueError(
+                f"Trainable state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}."
+            )
+        for name, param in params.items():  # check every shape first: a mismatch must leave the model untouched
+            if tuple(state[name].shape) != tuple(param.shape):
+                raise ValueError(f"Shape of {name}: model {tuple(param.shape)}, state {tuple(state[name].shape)}.")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
+
+    # ---- the federation ------------------------------------------------------------------------------------------
+
+    def train(
+        self,
+        resume_from_checkpoint: Union[str, bool, None] = None,
+        trial: Any = None,
+        ignore_keys_for_eval: Optional[list[str]] = None,
+        **kwargs: Any,
+    ) -> TrainOutput:
+        """Run the federation from round 1, or after the round of `resume_from_checkpoint`.
+
+        Args:
+            resume_from_checkpoint: `True` resumes after the newest complete `output_dir/round-{k}/`; a path resumes
+                from that checkpoint. Finished rounds are neither redone nor rewritten.
+            trial: unused (hyper-parameter search is not supported for federations).
+            ignore_keys_for_eval: output keys to ignore when gathering predictions.
+
+        Returns:
+            `TrainOutput(global_step=rounds done, training_loss=mean local loss, metrics=last round's scalars)`.
+        """
+        if kwargs:
+            raise TypeError(f"Unexpected arguments: {sorted(kwargs)}.")
+        args = self.args
+        start_time = time.time()
+        self.global_state = self.get_trainable_state()
+        self.client_states = {}
+        self.history = []
+        self.server_optimizer = make_server_optimizer(args)
+        first_round = 1
+        if self.is_world_process_zero():
+            for stale in remove_stale_temporaries(args.output_dir):
+                logger.warning("Removed %s, a checkpoint left half-written by an interrupted run.", stale)
+        if resume_from_checkpoint not in (None, False):
+            path = (
+                latest_checkpoint(args.output_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+            )
+            if path is None:
+                raise CheckpointError(f"No complete federated checkpoint (round-*/) found in {args.output_dir}.")
+            first_round = self._load_federation_checkpoint(path) + 1
+            logger.info("Resuming the federation after round %d from %s.", first_round - 1, path)
+            # wall time counts from the start of the original run
+            start_time -= self.history[-1].get("wall_time", 0.0) if self.history else 0.0
+
+        self.state.max_steps = args.num_rounds
+        self.state.global_step = first_round - 1
+        self.state.epoch = None
+        self.state.log_history = [scalar_items(record) | {"step": record["round"]} for record in self.history]
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        for round_index in range(first_round, args.num_rounds + 1):
+            record = self._run_round(round_index, ignore_keys_for_eval)
+            record["wall_time"] = time.time() - start_time
+            self.history.append(record)
+            self.state.global_step = round_index
+            self.log(loggable_items(record))
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if self.is_world_process_zero():
+                write_history(self.history, args.output_dir)
+            if args.save_every_rounds and (round_index % args.save_every_rounds == 0 or round_index == args.num_rounds):
+                self._save_federation_checkpoint(round_index)
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        losses = [record["train_loss"] for record in self.history if math.isfinite(record.get("train_loss", math.nan))]
+        metrics = scalar_items(self.history[-1]) if self.history else {}
+        metrics["train_runtime"] = time.time() - start_time
+        return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else math.nan, metrics)
+
+    def sample_clients(self, round_index: int) -> list[str]:
+        """The clients that train in `round_index` (deterministic in the sampling seed and the round)."""
+        if self.args.federation_mode == "centralized":
+            return [POOLED_CLIENT]
+        rng = np.random.default_rng([self.args.effective_client_sampling_seed, round_index])
+        count = self.args.num_sampled_clients(len(self.training_clients))
+        chosen = rng.choice(len(self.training_clients), size=count, replace=False)
+        return [self.training_clients[i] for i in sorted(chosen.tolist())]
+
+    def _run_round(self, round_index: int, ignore_keys_for_eval: Optional[list[str]]) -> dict[str, Any]:
+        args = self.args
+        round_start = time.time()
+        sampled = self.sample_clients(round_index)
+        mine = sampled[args.process_index :: args.world_size]
+        local_mode = args.federation_mode == "local"
+        # the local-only and centralised baselines communicate no model state
+        communicates = args.federation_mode == "federated"
+        accumulator = UpdateAccumulator(self.global_state)
+        reports, new_client_states = [], {}
+        for name in mine:
+            start_state = self.client_states.get(name, self.global_state) if local_mode else self.global_state
+            report: dict[str, Any] = {"client": name, "bytes_down": state_nbytes(start_state) if communicates else 0}
+            self.load_trainable_state(start_state)
+            try:
+                report.update(self._train_client(name, round_index, start_state))
+            except Exception as error:  # a failing client is dropped from the round, not fatal to the federation
+                logger.warning("Round %d: client %r failed and is dropped: %r", round_index, name, error)
+                self.model.zero_grad(set_to_none=True)
+                reports.append(report | {"status": "failed", "error": repr(error), "bytes_up": 0})
+                continue
+            local_state = self.get_trainable_state()
+            update = {key: local_state[key] - start_state[key] for key in start_state}
+            report["bytes_up"] = state_nbytes(update) if communicates else 0
+            bad = non_finite_tensors(update)
+            if bad:
+                logger.warning(
+                    "Round %d: client %r sent a non-finite update (%s ...); rejected.", round_index, name, bad[0]
+                )
+                reports.append(report | {"status": "rejected", "error": f"non-finite update in {bad[:3]}"})
+                continue
+            reports.append(report | {"status": "ok"})
+            if local_mode:
+                new_client_states[name] = local_state
+            else:
+                accumulator.add(update, report["num_examples"])
+
+        if args.world_size > 1:
+            reports = gather_object(reports)
+            accumulator.weighted_sum = self.accelerator.reduce(accumulator.weighted_sum.to(args.device), "sum").cpu()
+            accumulator.total_weight = sum(r["num_examples"] for r in reports if r["status"] == "ok" and not local_mode)
+            if local_mode:
+                for part in gather_object([new_client_states]):
+                    self.client_states.update(part)
+        else:
+            self.client_states.update(new_client_states)
+        reports.sort(key=lambda r: sampled.index(r["client"]))
+        usable = [r for r in reports if r["status"] == "ok"]
+        # the centralised baseline trains one pooled client per round (its min_clients_per_round check is skipped in
+        # __init__ for that reason); federated rounds always sample at least min_clients_per_round clients
+        if len(usable) < min(args.min_clients_per_round, len(sampled)):
+            problems = {r["client"]: r.get("error") for r in reports if r["status"] != "ok"}
+            raise RuntimeError(
+                f"Round {round_index}: only {len(usable)} usable client updates, below `min_clients_per_round="
+                f"{args.min_clients_per_round}`. Failed or rejected clients: {problems}. The last checkpoint is intact."
+            )
+        if not local_mode:
+            self.global_state = self.server_optimizer.step(self.global_state, accumulator.mean())
+        self.load_trainable_state(self.global_state)
+
+        examples = sum(r["num_examples"] for r in usable)
+        record: dict[str, Any] = {
+            "round": round_index,
+            "train_loss": sum(r["train_loss"] * r["num_examples"] for r in usable) / examples,
+            "num_sampled_clients": len(sampled),
+            "num_clients_ok": len(usable),
+            "num_train_examples": examples,
+            "local_steps": sum(r["local_steps"] for r in usable),
+            "bytes_down": sum(r["bytes_down"] for r in reports),
+            "bytes_up": sum(r["bytes_up"] for r in reports),
+            "bytes_up_per_client": max((r["bytes_up"] for r in usable), default=0),
+            "sampled_clients": sampled,
+            "failed_clients": {r["client"]: r["error"] for r in reports if r["status"] == "failed"},
+            "rejected_clients": {r["client"]: r["error"] for r in reports if r["status"] == "rejected"},
+            "client_train_loss": {r["client"]: r["train_loss"] for r in usable},
+        }
+        record["train_time"] = time.time() - round_start
+        every = args.eval_every_rounds
+        if (every and round_index % every == 0) or round_index == args.num_rounds:
+            eval_start = time.time()
+            record.update(self.evaluate_federation(ignore_keys=ignore_keys_for_eval))
+            record["eval_time"] = time.time() - eval_start
+        record["round_time"] = time.time() - round_start
+        return record
+
+    # ---- local training ------------------------------------------------------------------------------------------
+
+    def client_seed(self, round_index: int, name: str) -> int:
+        """The seed of `name`'s local training in `round_index`: the same on every process and after resuming."""
+        sequence = np.random.SeedSequence([self.args.seed, round_index, zlib.crc32(name.encode())])
+        return int(sequence.generate_state(1)[0])
+
+    def _client_loader(self, name: str, seed: Optional[int], train: bool) -> DataLoader:
+        client = self.clients.get(name)
+        if name == POOLED_CLIENT:
+            dataset, descriptor, client_id = self._pooled, None, None
+        else:
+            dataset = client.dataset if train else client.eval_dataset
+            descriptor, client_id = client.descriptor, client.client_id
+        dataset = self._remove_unused_columns(dataset, description=f"{name} {'training' if train else 'evaluation'}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return DataLoader(
+            dataset,
+            batch_size=self.args.per_device_train_batch_size if train else self.args.per_device_eval_batch_size,
+            shuffle=train,
+            generator=generator,
+            collate_fn=DescriptorCollator(self.data_collator, descriptor, client_id),
+            drop_last=self.args.dataloader_drop_last if train else False,
+            num_workers=self.args.dataloader_num_workers,
+            # pinning only helps (and only works without a warning) when batches go to an accelerator
+            pin_memory=self.args.dataloader_pin_memory and self.args.device.type != "cpu",
+        )
+
+    def _train_client(self, name: str, round_index: int, start_state: TensorDict) -> dict[str, Any]:
+        """Train the model (holding `start_state`) on client `name`'s data for one round; report what happened."""
+        args = self.args
+        seed = self.client_seed(round_index, name)
+        set_seed(seed)
+        loader = self._client_loader(name, seed, train=True)
+        batches_per_epoch = len(loader)
+        if batches_per_epoch == 0:
+            raise ValueError(f"Client {name!r} has fewer examples than one batch (dataloader_drop_last is on).")
+        accumulation = args.gradient_accumulation_steps
+        if args.local_max_steps > 0:
+            total_batches = args.local_max_steps * accumulation
+        else:
+            total_batches = max(1, math.ceil(args.local_epochs * batches_per_epoch))
+        total_updates = math.ceil(total_batches / accumulation)
+
+        optimizer = self._local_optimizer(total_updates)
+        params = self._trainable_parameters()
+        if args.aggregation == "fedprox" and args.proximal_mu > 0 and args.federation_mode == "federated":
+            self._proximal_anchor = [(params[key], start_state[key].to(params[key].device)) for key in start_state]
+        model = self.model
+        model.train()
+        batches = _cycle(loader)
+        loss_sum, seen = 0.0, 0
+        self.accelerator.gradient_state._set_sync_gradients(True)  # no DDP: every step is a sync step
+        try:
+            for update in range(total_updates):
+                micro = [next(batches) for _ in range(min(accumulation, total_batches - update * accumulation))]
+                self.current_gradient_accumulation_steps = len(micro)
+                num_items = self._get_num_items_in_batch(micro, args.device)
+                step_loss = 0.0
+                for inputs in micro:
+                    step_loss += float(self.training_step(model, inputs, num_items))
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if not getattr(optimizer, "step_was_skipped", False):
+                    self.lr_scheduler.step()
+                model.zero_grad(set_to_none=True)
+                loss_sum += step_loss
+                seen += 1
+        finally:
+            self._proximal_anchor = None
+        return {
+            "num_examples": len(self._pooled) if name == POOLED_CLIENT else self.clients[name].num_examples,
+            "train_loss": loss_sum / max(seen, 1),
+            "local_steps": seen,
+        }
+
+    def _local_optimizer(self, num_updates: int) -> torch.optim.Optimizer:
+        """A fresh optimizer and schedule per client and round, or the carried-over optimizer with a new schedule."""
+        if self.args.reset_optimizer_each_round or self.optimizer is None:
+            old = self.optimizer
+            self.optimizer = None
+            raw = self.create_optimizer()
+            # accelerate keeps every prepared optimizer; forget the previous client's so they do not pile up
+            self.accelerator._optimizers = [opt for opt in self.accelerator._optimizers if opt is not old]
+            self.optimizer = self.accelerator.prepare_optimizer(raw)
+        self.lr_scheduler = None
+        self.create_scheduler(num_training_steps=num_updates, optimizer=_unwrap_optimizer(self.optimizer))
+        return self.optimizer
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
+    ) -> Any:
+        """The Trainer's loss, plus the proximal term `mu / 2 * ||w - w_global||^2` in FedProx local training."""
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if self._proximal_anchor is None or not model.training:
+            return result
+        proximal = sum(((param - anchor) ** 2).sum() for param, anchor in self._proximal_anchor)
+        extra = 0.5 * self.args.proximal_mu * proximal
+        if return_outputs:
+            return result[0] + extra, result[1]
+        return result + extra
+
+    def autocast_smart_context_manager(self, cache_enabled: Optional[bool] = True) -> Any:
+        """Mixed precision (`bf16` / `fp16`) for local training and evaluation.
+
+        The plain Trainer gets autocast from `accelerator.prepare(model)`; clients train the unprepared model (it is
+        never wrapped in DDP), so the accelerator's autocast is entered here, around every forward.
+        """
+        return self.accelerator.autocast()
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The base model's forward does not name the descriptor, so a plain Trainer would drop descriptor columns.
+        super()._set_signature_columns_if_needed()
+        if self.descriptor_spec is not None:
+            self._signature_columns += [name for name in DESCRIPTOR_COLUMNS if name not in self._signature_columns]
+
+    def _pool_training_clients(self) -> Any:
+        """All training clients' data in one dataset; for C2A each example keeps its client's descriptor."""
+        from datasets import concatenate_datasets
+
+        parts = []
+        for name in self.training_clients:
+            client = self.clients[name]
+            part = client.dataset
+            if client.descriptor is not None and "label_distribution" not in part.column_names:
+                part = part.add_column("label_distribution", [client.descriptor.tolist()] * len(part))
+            if client.client_id is not None and "client_ids" not in part.column_names:
+                part = part.add_column("client_ids", [client.client_id] * len(part))
+            parts.append(part)
+        return concatenate_datasets(parts)
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+
+    def evaluate_federation(self, ignore_keys: Optional[list[str]] = None) -> dict[str, Any]:
+        """Evaluate the current state: global, personalised (each client, own descriptor), unseen clients.
+
+        Every process evaluates its share of the clients; all processes get the same result. Returns scalar
+        summaries (`eval_global_*`, `eval_personalized_{mean,weighted,worst,std}_*`, `eval_unseen_*`) and the
+        per-client scores under `eval_clients` and `eval_unseen_clients`.
+        """
+        args = self.args
+        local_mode = args.federation_mode == "local"
+        jobs: list[tuple[str, str]] = []
+        if self.eval_dataset is not None and not local_mode:
+            jobs.append(("global", "global"))
+        jobs += [("client", name) for name in self.training_clients if self.clients[name].eval_dataset is not None]
+        if not local_mode:
+            jobs += [("unseen", name) for name in self.unseen_clients if self.clients[name].eval_dataset is not None]
+        results = []
+        for kind, name in jobs[args.process_index :: args.world_size]:
+            state = self.client_states.get(name, self.global_state) if local_mode else self.global_state
+            self.load_trainable_state(state)
+            results.append((kind, name, self._evaluate_one(kind, name, ignore_keys)))
+        if args.world_size > 1:
+            results = gather_object(results)
+        self.load_trainable_state(self.global_state)
+        per_kind: dict[str, dict[str, dict[str, float]]] = {"global": {}, "client": {}, "unseen": {}}
+        for kind, name, scores in results:
+            per_kind[kind][name] = scores
+        out: dict[str, Any] = {}
+        for key, value in per_kind["global"].get("global", {}).items():
+            out[f"eval_global_{key}"] = value
+        out.update(summarize_clients(per_kind["client"], "eval_personalized"))
+        out.update(summarize_clients(per_kind["unseen"], "eval_unseen"))
+        out["eval_clients"] = dict(sorted(per_kind["client"].items()))
+        if per_kind["unseen"]:
+            out["eval_unseen_clients"] = dict(sorted(per_kind["unseen"].items()))
+        return out
+
+    def _evaluate_one(self, kind: str, name: str, ignore_keys: Optional[list[str]]) -> dict[str, float]:
+        if kind == "global":
+            dataset = self._remove_unused_columns(self.eval_dataset, description="global evaluation")
+            loader = DataLoader(
+                dataset,
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=DescriptorCollator(self.data_collator),
+                num_workers=self.args.dataloader_num_workers,
+            )
+        else:
+            loader = self._client_loader(name, None, train=False)
+        model = self.model
+        model.eval()
+        logits_all, labels_all, loss_sum, count = None, None, 0.0, 0
+        for inputs in loader:
+            batch_size = len(next(iter(inputs.values())))
+            loss, logits, labels = self.prediction_step(
+                model, inputs, prediction_loss_only=False, ignore_keys=ignore_keys
+            )
+            if loss is not None:
+                loss_sum += float(loss) * batch_size
+                count += batch_size
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+            if self.preprocess_logits_for_metrics is not None and logits is not None:
+                logits = self.preprocess_logits_for_metrics(logits, labels)
+            if logits is not None:
+                logits = logits.detach().cpu()
+                logits_all = logits if logits_all is None else nested_concat(logits_all, logits, padding_index=-100)
+            if labels is not None:
+                labels = labels.detach().cpu()
+                labels_all = labels if labels_all is None else nested_concat(labels_all, labels, padding_index=-100)
+        scores: dict[str, float] = {}
+        if count:
+            scores["loss"] = loss_sum / count
+        if logits_all is not None and labels_all is not None:
+            logits_np, labels_np = nested_numpify(logits_all), nested_numpify(labels_all)
+            predictions = logits_np.argmax(-1) if logits_np.ndim == labels_np.ndim + 1 else logits_np
+            if predictions.shape == labels_np.shape:
+                scores.update(classification_metrics(predictions, labels_np))
+            if self.compute_metrics is not None:
+                extra = self.compute_metrics(EvalPrediction(predictions=logits_np, label_ids=labels_np))
+                scores.update({key: float(value) for key, value in extra.items()})
+        scores.setdefault("num_examples", count)
+        return scores
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save_federation_checkpoint(self, round_index: int) -> None:
+        args = self.args
+        if self.is_world_process_zero():
+            tensors: dict[str, TensorDict] = {
+                TRAINABLE_STATE_FILE: self.global_state,
+                SERVER_STATE_FILE: self.server_optimizer.state_dict(),
+                RNG_FILE: {"torch": torch.get_rng_state()},
+            }
+            client_order = sorted(self.client_states)
+            if client_order:
+                tensors[CLIENT_STATES_FILE] = {
+                    f"{index}/{key}": value
+                    for index, name in enumerate(client_order)
+                    for key, value in self.client_states[name].items()
+                }
+            optimizer_meta = None
+            if not args.reset_optimizer_each_round and self.optimizer is not None:
+                tensors[OPTIMIZER_FILE], optimizer_meta = optimizer_to_tensors(
+                    _unwrap_optimizer(self.optimizer).state_dict()
+                )
+            numpy_state = np.random.get_state()
+            documents = {
+                FEDERATION_STATE_FILE: {
+                    "round": round_index,
+                    "num_rounds": args.num_rounds,
+                    **self._checkpoint_identity(),
+                    "client_state_order": client_order,
+                    "local_optimizer": optimizer_meta,
+                    "python_rng": _python_rng_to_json(random.getstate()),
+                    "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+                },
+                HISTORY_FILE: self.history,
+            }
+            # the global state is in the model now, so PeftModel.save_pretrained writes the global adapter
+            write_extra = self.model.save_pretrained if isinstance(self.model, PeftModel) else None
+            path = write_checkpoint(args.output_dir, round_index, tensors, documents, write_extra)
+            prune_checkpoints(args.output_dir, args.save_total_limit)
+            logger.info("Saved the round-%d checkpoint to %s.", round_index, path)
+        self.accelerator.wait_for_everyone()
+
+    def _checkpoint_identity(self) -> dict[str, Any]:
+        """What must be the same for a checkpoint to continue this run (it decides which clients train when)."""
+        args = self.args
+        return {
+            "federation_mode": args.federation_mode,
+            "aggregation": args.aggregation,
+            "training_clients": self.training_clients,
+            "unseen_clients": self.unseen_clients,
+            "seed": args.seed,
+            "client_sampling_seed": args.effective_client_sampling_seed,
+            "clients_per_round": args.num_sampled_clients(len(self.training_clients)),
+        }
+
+    def _load_federation_checkpoint(self, path: Path) -> int:
+        """Restore everything from checkpoint `path`; return its round. Raises `CheckpointError` on any mismatch."""
+        tensors, documents = read_checkpoint(path)
+        try:
+            meta = documents[FEDERATION_STATE_FILE]
+            history = documents[HISTORY_FILE]
+            global_state = tensors[TRAINABLE_STATE_FILE]
+        except KeyError as error:
+            raise CheckpointError(
+                f"Checkpoint {path} lacks {error.args[0]}: it is not a federated checkpoint."
+            ) from error
+        args = self.args
+        expected = self._checkpoint_identity()
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise CheckpointError(
+                    f"Checkpoint {path} was written with {key}={meta.get(key)!r}, but this run has {value!r}."
+                )
+        round_index = int(meta["round"])
+        if round_index > args.num_rounds:
+            raise CheckpointError(
+                f"Checkpoint {path} is at round {round_index}, beyond `num_rounds={args.num_rounds}`."
+            )
+        needed = [RNG_FILE] + ([CLIENT_STATES_FILE] if meta.get("client_state_order") else [])
+        if meta.get("local_optimizer") is not None and not args.reset_optimizer_each_round:
+            needed.append(OPTIMIZER_FILE)
+        missing = [name for name in needed if name not in tensors]
+        if missing:
+            raise CheckpointError(f"Checkpoint {path} lacks {missing}: it is incomplete.")
+        server = make_server_optimizer(args)
+        try:
+            server.load_state_dict(tensors.get(SERVER_STATE_FILE, {}))
+        except ValueError as error:
+            raise CheckpointError(f"Checkpoint {path} has an unusable server optimizer state: {error}") from error
+        try:
+            self.load_trainable_state(global_state)
+        except ValueError as error:
+            raise CheckpointError(f"Checkpoint {path} does not fit this model: {error}") from error
+        self.global_state = {key: value.clone() for key, value in global_state.items()}
+        self.server_optimizer = server
+        self.client_states = {}
+        for index, name in enumerate(meta.get("client_state_order", [])):
+            prefix = f"{index}/"
+            self.client_states[name] = {
+                key[len(prefix) :]: value
+                for key, value in tensors[CLIENT_STATES_FILE].items()
+                if key.startswith(prefix)
+            }
+        if meta.get("local_optimizer") is not None and not args.reset_optimizer_each_round:
+            self._local_optimizer(1)
+            state = optimizer_from_tensors(tensors[OPTIMIZER_FILE], meta["local_optimizer"])
+            _unwrap_optimizer(self.optimizer).load_state_dict(state)
+        torch.set_rng_state(tensors[RNG_FILE]["torch"])
+        random.setstate(_python_rng_from_json(meta["python_rng"]))
+        numpy_rng = meta["numpy_rng"]
+        np.random.set_state((numpy_rng[0], np.asarray(numpy_rng[1], dtype=np.uint32), *numpy_rng[2:]))
+        self.history = [record for record in history if record["round"] <= round_index]
+        return round_index
+
+
+def _cycle(loader: DataLoader) -> Iterator[Any]:
+    """Batches of `loader` epoch after epoch (each epoch reshuffled by the loader's own generator)."""
+    while True:
+        yield from loader
+
+
+def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,120 @@
+"""The main job's script on the real packaged MiniLM and BBC News, shrunk to one short round (slow: real model)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+import peft_c2a  # noqa: F401  (registers the C2A type for PeftModel.from_pretrained)
+from peft_c2a.assets import load_bbc_news, minilm_path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "federated_text_classification.py"
+SMALL = ["--max_seq_length", "32", "--local_max_steps", "2", "--num_rounds", "1", "--per_device_eval_batch_size", "128"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("federated_text_classification", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    threads = torch.get_num_threads()
+    yield load_script()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_main_job_writes_history_checkpoint_and_adapter(script, tmp_path, capsys):
+    out = tmp_path / "run"
+    trainer = script.main(["--output_dir", str(out), "--num_clients", "10", "--clients_per_round", "3", *SMALL])
+    printed = capsys.readouterr().out
+    assert "unseen" in printed and "personalised accuracy, worst client" in printed
+
+    history = json.loads((out / "history.json").read_text())
+    assert [record["round"] for record in history] == [1]
+    record = history[0]
+    assert record["num_clients_ok"] == 3
+    assert len(trainer.unseen_clients) == 2 and not set(trainer.unseen_clients) & set(record["sampled_clients"])
+    assert record["eval_global_num_examples"] == len(load_bbc_news()["test"])
+    for key in ("eval_personalized_mean_accuracy", "eval_personalized_worst_accuracy", "eval_unseen_mean_accuracy"):
+        assert 0.0 <= record[key] <= 1.0
+    assert record["eval_personalized_worst_accuracy"] == min(c["accuracy"] for c in record["eval_clients"].values())
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    assert record["bytes_up"] == 3 * trainable_bytes
+    for name in ("history.csv", "accuracy.png", "label_heatmap.png", "adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+
+    # the round checkpoint is a PEFT adapter that reproduces the trained global state
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)
+    loaded = PeftModel.from_pretrained(base, out / "round-1")
+    state = load_file(str(out / "round-1" / "trainable_state.safetensors"))
+    loaded_params = dict(loaded.named_parameters())
+    for name, tensor in state.items():
+        assert torch.equal(loaded_params[name].detach(), tensor), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "head"])
+def test_main_job_on_a_csv_with_string_labels(script, tmp_path, method):
+    data = load_bbc_news()
+    names = data["train"].features["label"].names
+    path = tmp_path / "news.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["body", "topic"])
+        for row in data["train"].select(range(0, 1780, 6)):
+            writer.writerow([row["text"][:400], names[row["label"]]])
+    out = tmp_path / method
+    trainer = script.main(
+        [
+            "--output_dir",
+            str(out),
+            "--dataset_path",
+            str(path),
+            "--text_column",
+            "body",
+            "--label_column",
+            "topic",
+            "--peft_method",
+            method,
+            "--num_clients",
+            "6",
+            "--clients_per_round",
+            "2",
+            "--min_client_size",
+            "4",
+            *SMALL,
+        ]
+    )
+    record = trainer.history[-1]
+    assert record["num_clients_ok"] == 2
+    assert record["eval_global_num_examples"] == 60  # 20 % of the 297 rows, stratified
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    if method == "head":
+        assert trainable == {"classifier.weight", "classifier.bias"}
+        assert (out / "round-1" / "trainable_state.safetensors").is_file()
+    else:
+        assert any("lora_A" in name for name in trainable)
+        assert (out / "round-1" / "adapter_model.safetensors").is_file()
+
+
+def test_bad_dataset_path_and_column_errors(script, tmp_path):
+    bad = tmp_path / "data.parquet"
+    bad.write_text("x")
+    with pytest.raises(ValueError, match="must be a .csv"):
+        script.main(["--output_dir", str(tmp_path / "o"), "--dataset_path", str(bad)])
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nhello,a\nworld,b\n")
+    with pytest.raises(ValueError, match="Column 'topic' not in the data"):
+        script.main(["--output_dir", str(tmp_path / "o"), "--dataset_path", str(path), "--label_column", "topic"])
