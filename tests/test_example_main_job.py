@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ SMALL = ["--max_seq_length", "32", "--local_max_steps", "2", "--num_rounds", "1"
 def load_script():
     spec = importlib.util.spec_from_file_location("federated_text_classification", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -52,8 +54,10 @@ def test_main_job_writes_history_checkpoint_and_adapter(script, tmp_path, capsys
     assert record["eval_personalized_worst_accuracy"] == min(c["accuracy"] for c in record["eval_clients"].values())
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
     assert record["bytes_up"] == 3 * trainable_bytes
-    for name in ("history.csv", "accuracy.png", "label_heatmap.png", "adapter_model.safetensors"):
+    for name in ("history.csv", "accuracy.png", "label_heatmap.png", "adapter_model.safetensors", "training_args.json"):
         assert (out / name).is_file(), name
+    pickles = [p.name for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
+    assert pickles == []  # weights are safetensors, arguments JSON: nothing needs unpickling
 
     # the round checkpoint is a PEFT adapter that reproduces the trained global state
     base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)

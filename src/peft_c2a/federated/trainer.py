@@ -573,6 +573,15 @@ class FederatedTrainer(Trainer):
         scores.setdefault("num_examples", count)
         return scores
 
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """`Trainer.save_model`'s writer, with the arguments saved as JSON instead of a pickled `training_args.bin`
+        (so nothing this package writes needs unpickling to read)."""
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            target = Path(output_dir if output_dir is not None else self.args.output_dir)
+            (target / "training_args.bin").unlink(missing_ok=True)
+            (target / "training_args.json").write_text(self.args.to_json_string())
+
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
     def _save_federation_checkpoint(self, round_index: int) -> None:
