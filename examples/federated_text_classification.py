@@ -37,6 +37,7 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
     DataCollatorWithPadding,
     HfArgumentParser,
+    set_seed,
 )
 
 import peft_c2a  # noqa: E402
@@ -131,8 +132,12 @@ def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
     return data
 
 
-def build_model(script: ScriptArguments, num_labels: int) -> torch.nn.Module:
-    """The backbone with the chosen PEFT method (`head`: a frozen backbone with a trainable classifier)."""
+def build_model(script: ScriptArguments, num_labels: int, seed: int) -> torch.nn.Module:
+    """The backbone with the chosen PEFT method (`head`: a frozen backbone with a trainable classifier).
+
+    Seeded: the new classification head and the adapters are initialised from `seed`, so a run is reproducible.
+    """
+    set_seed(seed)
     path = script.model_name_or_path or str(minilm_path())
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     if script.peft_method == "head":
@@ -145,7 +150,9 @@ def build_model(script: ScriptArguments, num_labels: int) -> torch.nn.Module:
             param.requires_grad = True
         return base
     if script.peft_method == "c2a":
-        config = peft_c2a.C2AConfig(task_type="SEQ_CLS", num_labels=num_labels, bottleneck_dim=script.bottleneck_dim)
+        config = peft_c2a.C2AConfig(
+            task_type="SEQ_CLS", num_labels=num_labels, bottleneck_dim=script.bottleneck_dim, init_seed=seed
+        )
     elif script.peft_method == "bottleneck":
         config = peft_c2a.BottleneckAdapterConfig(task_type="SEQ_CLS", bottleneck_dim=script.bottleneck_dim)
     else:
@@ -197,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> FederatedTrainer:
     num_unseen = int(round(script.unseen_client_fraction * len(names)))
     unseen = sorted(rng.choice(names, size=num_unseen, replace=False).tolist()) if num_unseen else []
 
-    model = build_model(script, num_labels)
+    model = build_model(script, num_labels, args.seed)
     trainer = FederatedTrainer(
         model=model,
         args=args,
