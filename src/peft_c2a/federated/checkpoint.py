@@ -9,6 +9,7 @@ instead of resuming from damaged state.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -199,8 +200,8 @@ def _fsync(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        # some file systems refuse to fsync a directory; the rename is still atomic there
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)

@@ -85,18 +85,10 @@ def expected_num_labels(model: nn.Module, spec: Optional[DescriptorSpec]) -> Opt
     """The number of classes labels must fall in, when known: C2A's `num_labels`, else a classifier's."""
     if spec is not None and spec.num_labels is not None:
         return spec.num_labels
-    task_type = str(
-        getattr(getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None)), "task_type", "")
-    )
-    config = getattr(model, "config", None)
-    if task_type.endswith(("SEQ_CLS", "TOKEN_CLS")) or (not task_type and config is not None and _is_classifier(model)):
-        return getattr(config, "num_labels", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(base).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return getattr(base.config, "num_labels", None)
     return None
-
-
-def _is_classifier(model: nn.Module) -> bool:
-    name = type(getattr(model, "get_base_model", lambda: model)()).__name__
-    return name.endswith(("ForSequenceClassification", "ForTokenClassification"))
 
 
 def label_column(dataset: Any) -> Optional[str]:

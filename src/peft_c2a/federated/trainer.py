@@ -146,7 +146,7 @@ class FederatedTrainer(Trainer):
         if unknown:
             raise ValueError(f"`unseen_clients` names clients missing from `client_datasets`: {unknown}.")
         self.unseen_clients = sorted(unseen)
-        self.training_clients = [name for name in sorted(self.clients) if name not in set(unseen)]
+        self.training_clients = [name for name in sorted(self.clients) if name not in self.unseen_clients]
         if not self.training_clients:
             raise ValueError("Every client is listed in `unseen_clients`: none is left to train.")
         per_round = args.num_sampled_clients(len(self.training_clients))
@@ -158,7 +158,9 @@ class FederatedTrainer(Trainer):
         if not args.reset_optimizer_each_round and args.world_size > 1:
             raise ValueError("`reset_optimizer_each_round=False` is supported in a single process only.")
         if args.federation_mode == "centralized":
-            self._pooled = self._pool_training_clients()
+            self._pooled_client = ClientData(POOLED_CLIENT, self._pool_training_clients())
+        # datasets with the model's unused columns removed, made once per dataset instead of every round
+        self._prepared: dict[tuple[str, bool], tuple[Any, Any]] = {}
         self.history: list[dict[str, Any]] = []
         self.global_state: TensorDict = {}
         self.client_states: dict[str, TensorDict] = {}
@@ -358,21 +360,28 @@ class FederatedTrainer(Trainer):
         sequence = np.random.SeedSequence([self.args.seed, round_index, zlib.crc32(name.encode())])
         return int(sequence.generate_state(1)[0])
 
-    def _client_loader(self, name: str, seed: Optional[int], train: bool) -> DataLoader:
-        client = self.clients.get(name)
-        if name == POOLED_CLIENT:
-            dataset, descriptor, client_id = self._pooled, None, None
-        else:
-            dataset = client.dataset if train else client.eval_dataset
-            descriptor, client_id = client.descriptor, client.client_id
-        dataset = self._remove_unused_columns(dataset, description=f"{name} {'training' if train else 'evaluation'}")
+    def _client(self, name: str) -> ClientData:
+        return self._pooled_client if name == POOLED_CLIENT else self.clients[name]
+
+    def _prepared_dataset(self, client: ClientData, train: bool) -> Any:
+        """The client's training or evaluation dataset without the columns the model does not take (cached)."""
+        dataset = client.dataset if train else client.eval_dataset
+        cached = self._prepared.get((client.name, train))
+        if cached is None or cached[0] is not dataset:
+            description = f"{client.name} {'training' if train else 'evaluation'}"
+            cached = (dataset, self._remove_unused_columns(dataset, description=description))
+            self._prepared[(client.name, train)] = cached
+        return cached[1]
+
+    def _client_loader(self, client: ClientData, seed: Optional[int], train: bool) -> DataLoader:
+        """Batches of `client`'s data, each carrying the client's descriptor (shuffled by `seed` when training)."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return DataLoader(
-            dataset,
+            self._prepared_dataset(client, train),
             batch_size=self.args.per_device_train_batch_size if train else self.args.per_device_eval_batch_size,
             shuffle=train,
             generator=generator,
-            collate_fn=DescriptorCollator(self.data_collator, descriptor, client_id),
+            collate_fn=DescriptorCollator(self.data_collator, client.descriptor, client.client_id),
             drop_last=self.args.dataloader_drop_last if train else False,
             num_workers=self.args.dataloader_num_workers,
             # pinning only helps (and only works without a warning) when batches go to an accelerator
@@ -384,7 +393,8 @@ class FederatedTrainer(Trainer):
         args = self.args
         seed = self.client_seed(round_index, name)
         set_seed(seed)
-        loader = self._client_loader(name, seed, train=True)
+        client = self._client(name)
+        loader = self._client_loader(client, seed, train=True)
         batches_per_epoch = len(loader)
         if batches_per_epoch == 0:
             raise ValueError(f"Client {name!r} has fewer examples than one batch (dataloader_drop_last is on).")
@@ -423,7 +433,7 @@ class FederatedTrainer(Trainer):
         finally:
             self._proximal_anchor = None
         return {
-            "num_examples": len(self._pooled) if name == POOLED_CLIENT else self.clients[name].num_examples,
+            "num_examples": client.num_examples,
             "train_loss": loss_sum / max(seen, 1),
             "local_steps": seen,
         }
@@ -528,16 +538,9 @@ class FederatedTrainer(Trainer):
         return out
 
     def _evaluate_one(self, kind: str, name: str, ignore_keys: Optional[list[str]]) -> dict[str, float]:
-        if kind == "global":
-            dataset = self._remove_unused_columns(self.eval_dataset, description="global evaluation")
-            loader = DataLoader(
-                dataset,
-                batch_size=self.args.per_device_eval_batch_size,
-                collate_fn=DescriptorCollator(self.data_collator),
-                num_workers=self.args.dataloader_num_workers,
-            )
-        else:
-            loader = self._client_loader(name, None, train=False)
+        # the global test set is evaluated like a client without a descriptor (C2A: the uniform one)
+        client = ClientData("__global__", None, self.eval_dataset) if kind == "global" else self._client(name)
+        loader = self._client_loader(client, None, train=False)
         model = self.model
         model.eval()
         logits_all, labels_all, loss_sum, count = None, None, 0.0, 0
