@@ -60,6 +60,15 @@ from .clients import (
     expected_num_labels,
 )
 from .metrics import classification_metrics, loggable_items, scalar_items, summarize_clients, write_history
+from .rounds import (
+    is_evaluation_round,
+    load_trainable_state,
+    require_enough_updates,
+    round_record,
+    sample_round_clients,
+    trainable_parameters,
+    trainable_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -170,29 +179,15 @@ class FederatedTrainer(Trainer):
     # ---- the trainable state -------------------------------------------------------------------------------------
 
     def _trainable_parameters(self) -> dict[str, nn.Parameter]:
-        params = {name: param for name, param in self.model.named_parameters() if param.requires_grad}
-        if not params:
-            raise ValueError("The model has no trainable parameters: there is nothing to federate.")
-        return params
+        return trainable_parameters(self.model)
 
     def get_trainable_state(self) -> TensorDict:
         """A CPU copy of every trainable tensor of the model (what a round sends down and gets back)."""
-        return {name: param.detach().to("cpu", copy=True) for name, param in self._trainable_parameters().items()}
+        return trainable_state(self.model)
 
     def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy `state` into the model's trainable parameters (names and shapes must match exactly)."""
-        params = self._trainable_parameters()
-        if set(state) != set(params):
-            missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-            raise ValueError(
-                f"Trainable state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}."
-            )
-        for name, param in params.items():  # check every shape first: a mismatch must leave the model untouched
-            if tuple(state[name].shape) != tuple(param.shape):
-                raise ValueError(f"Shape of {name}: model {tuple(param.shape)}, state {tuple(state[name].shape)}.")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state[name])
+        load_trainable_state(self.model, state)
 
     # ---- the federation ------------------------------------------------------------------------------------------
 
@@ -263,10 +258,7 @@ class FederatedTrainer(Trainer):
         """The clients that train in `round_index` (deterministic in the sampling seed and the round)."""
         if self.args.federation_mode == "centralized":
             return [POOLED_CLIENT]
-        rng = np.random.default_rng([self.args.effective_client_sampling_seed, round_index])
-        count = self.args.num_sampled_clients(len(self.training_clients))
-        chosen = rng.choice(len(self.training_clients), size=count, replace=False)
-        return [self.training_clients[i] for i in sorted(chosen.tolist())]
+        return sample_round_clients(self.training_clients, round_index, self.args)
 
     def _run_round(self, round_index: int, ignore_keys_for_eval: Optional[list[str]]) -> dict[str, Any]:
         args = self.args
@@ -274,34 +266,16 @@ class FederatedTrainer(Trainer):
         sampled = self.sample_clients(round_index)
         mine = sampled[args.process_index :: args.world_size]
         local_mode = args.federation_mode == "local"
-        # the local-only and centralised baselines communicate no model state
-        communicates = args.federation_mode == "federated"
         accumulator = UpdateAccumulator(self.global_state)
         reports, new_client_states = [], {}
         for name in mine:
             start_state = self.client_states.get(name, self.global_state) if local_mode else self.global_state
-            report: dict[str, Any] = {"client": name, "bytes_down": state_nbytes(start_state) if communicates else 0}
-            self.load_trainable_state(start_state)
-            try:
-                report.update(self._train_client(name, round_index, start_state))
-            except Exception as error:  # a failing client is dropped from the round, not fatal to the federation
-                logger.warning("Round %d: client %r failed and is dropped: %r", round_index, name, error)
-                self.model.zero_grad(set_to_none=True)
-                reports.append(report | {"status": "failed", "error": repr(error), "bytes_up": 0})
+            report, update = self.train_client(name, round_index, start_state)
+            reports.append(report)
+            if update is None:
                 continue
-            local_state = self.get_trainable_state()
-            update = {key: local_state[key] - start_state[key] for key in start_state}
-            report["bytes_up"] = state_nbytes(update) if communicates else 0
-            bad = non_finite_tensors(update)
-            if bad:
-                logger.warning(
-                    "Round %d: client %r sent a non-finite update (%s ...); rejected.", round_index, name, bad[0]
-                )
-                reports.append(report | {"status": "rejected", "error": f"non-finite update in {bad[:3]}"})
-                continue
-            reports.append(report | {"status": "ok"})
             if local_mode:
-                new_client_states[name] = local_state
+                new_client_states[name] = self.get_trainable_state()  # exact, unlike start + update
             else:
                 accumulator.add(update, report["num_examples"])
 
@@ -315,38 +289,16 @@ class FederatedTrainer(Trainer):
         else:
             self.client_states.update(new_client_states)
         reports.sort(key=lambda r: sampled.index(r["client"]))
-        usable = [r for r in reports if r["status"] == "ok"]
         # the centralised baseline trains one pooled client per round (its min_clients_per_round check is skipped in
         # __init__ for that reason); federated rounds always sample at least min_clients_per_round clients
-        if len(usable) < min(args.min_clients_per_round, len(sampled)):
-            problems = {r["client"]: r.get("error") for r in reports if r["status"] != "ok"}
-            raise RuntimeError(
-                f"Round {round_index}: only {len(usable)} usable client updates, below `min_clients_per_round="
-                f"{args.min_clients_per_round}`. Failed or rejected clients: {problems}. The last checkpoint is intact."
-            )
+        require_enough_updates(round_index, sampled, reports, args)
         if not local_mode:
             self.global_state = self.server_optimizer.step(self.global_state, accumulator.mean())
         self.load_trainable_state(self.global_state)
 
-        examples = sum(r["num_examples"] for r in usable)
-        record: dict[str, Any] = {
-            "round": round_index,
-            "train_loss": sum(r["train_loss"] * r["num_examples"] for r in usable) / examples,
-            "num_sampled_clients": len(sampled),
-            "num_clients_ok": len(usable),
-            "num_train_examples": examples,
-            "local_steps": sum(r["local_steps"] for r in usable),
-            "bytes_down": sum(r["bytes_down"] for r in reports),
-            "bytes_up": sum(r["bytes_up"] for r in reports),
-            "bytes_up_per_client": max((r["bytes_up"] for r in usable), default=0),
-            "sampled_clients": sampled,
-            "failed_clients": {r["client"]: r["error"] for r in reports if r["status"] == "failed"},
-            "rejected_clients": {r["client"]: r["error"] for r in reports if r["status"] == "rejected"},
-            "client_train_loss": {r["client"]: r["train_loss"] for r in usable},
-        }
+        record = round_record(round_index, sampled, reports)
         record["train_time"] = time.time() - round_start
-        every = args.eval_every_rounds
-        if (every and round_index % every == 0) or round_index == args.num_rounds:
+        if is_evaluation_round(round_index, args):
             eval_start = time.time()
             record.update(self.evaluate_federation(ignore_keys=ignore_keys_for_eval))
             record["eval_time"] = time.time() - eval_start
@@ -387,6 +339,37 @@ class FederatedTrainer(Trainer):
             # pinning only helps (and only works without a warning) when batches go to an accelerator
             pin_memory=self.args.dataloader_pin_memory and self.args.device.type != "cpu",
         )
+
+    def train_client(
+        self, name: str, round_index: int, start_state: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], Optional[TensorDict]]:
+        """Train client `name` for round `round_index` from `start_state`: one client's whole part of a round.
+
+        Returns its report (`client`, `status` ok / failed / rejected, example count, mean local loss, local steps,
+        bytes down and up, `error`) and its update `local - start` (`None` when training raised or the update is
+        not finite: such a client is dropped from the round, not fatal to the federation). The model is left
+        holding the client's local state.
+        """
+        # the local-only and centralised baselines communicate no model state
+        communicates = self.args.federation_mode == "federated"
+        report: dict[str, Any] = {"client": name, "bytes_down": state_nbytes(start_state) if communicates else 0}
+        self.load_trainable_state(start_state)
+        try:
+            report.update(self._train_client(name, round_index, start_state))
+        except Exception as error:  # any failure of one client drops that client, never the federation
+            logger.warning("Round %d: client %r failed and is dropped: %r", round_index, name, error)
+            self.model.zero_grad(set_to_none=True)
+            return report | {"status": "failed", "error": repr(error), "bytes_up": 0}, None
+        local_state = self.get_trainable_state()
+        update = {key: local_state[key] - start_state[key] for key in start_state}
+        report["bytes_up"] = state_nbytes(update) if communicates else 0
+        bad = non_finite_tensors(update)
+        if bad:
+            logger.warning(
+                "Round %d: client %r sent a non-finite update (%s ...); rejected.", round_index, name, bad[0]
+            )
+            return report | {"status": "rejected", "error": f"non-finite update in {bad[:3]}"}, None
+        return report | {"status": "ok"}, update
 
     def _train_client(self, name: str, round_index: int, start_state: TensorDict) -> dict[str, Any]:
         """Train the model (holding `start_state`) on client `name`'s data for one round; report what happened."""
@@ -537,9 +520,27 @@ class FederatedTrainer(Trainer):
             out["eval_unseen_clients"] = dict(sorted(per_kind["unseen"].items()))
         return out
 
+    def evaluate_client(
+        self, name: str, own_descriptor: bool = True, ignore_keys: Optional[list[str]] = None
+    ) -> dict[str, float]:
+        """Scores of the model's current state on client `name`'s evaluation data (`loss`, `accuracy`, `macro_f1`,
+        `num_examples`, and `compute_metrics`' keys).
+
+        With `own_descriptor=False` a C2A model sees no descriptor (the uniform one), as in the global evaluation.
+        Raises `ValueError` if the client has no evaluation data.
+        """
+        if self._client(name).eval_dataset is None:
+            raise ValueError(f"Client {name!r} has no evaluation dataset.")
+        return self._evaluate_one("client" if own_descriptor else "uniform", name, ignore_keys)
+
     def _evaluate_one(self, kind: str, name: str, ignore_keys: Optional[list[str]]) -> dict[str, float]:
         # the global test set is evaluated like a client without a descriptor (C2A: the uniform one)
-        client = ClientData("__global__", None, self.eval_dataset) if kind == "global" else self._client(name)
+        if kind == "global":
+            client = ClientData("__global__", None, self.eval_dataset)
+        elif kind == "uniform":
+            client = ClientData(f"{name}/uniform", None, self._client(name).eval_dataset)
+        else:
+            client = self._client(name)
         loader = self._client_loader(client, None, train=False)
         model = self.model
         model.eval()

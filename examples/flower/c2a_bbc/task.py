@@ -1,0 +1,126 @@
+"""What the ServerApp and the ClientApp share: settings from the run config, the data split, the model.
+
+The split is the main job's (`examples/federated_text_classification.py`): BBC News over `num-clients` clients by
+Dirichlet label skew, personal test sets that follow each client's label mix, `unseen-fraction` of the clients held
+out of training. Every node loads the packaged corpus and keeps only its own partition; a real deployment would read
+the node's own data instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import Context  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed  # noqa: E402
+
+import peft_c2a  # noqa: E402
+from peft_c2a.assets import BBC_LABELS, load_bbc_news, minilm_path  # noqa: E402
+from peft_c2a.federated import (  # noqa: E402
+    FederatedTrainingArguments,
+    dirichlet_label_partition,
+    label_counts,
+    partition_like,
+)
+
+NUM_LABELS = len(BBC_LABELS)
+
+
+def client_name(index: int) -> str:
+    """The name of the client held by the node with `partition-id` `index` (the main job's names)."""
+    return f"client-{index:02d}"
+
+
+def federation_args(run_config: dict, output_dir: str | None = None) -> FederatedTrainingArguments:
+    """The federation's `FederatedTrainingArguments`, from the run config (`pyproject.toml`, `--run-config`)."""
+    return FederatedTrainingArguments(
+        output_dir=output_dir or str(run_config["output-dir"]),
+        num_rounds=int(run_config["num-rounds"]),
+        clients_per_round=int(run_config["clients-per-round"]),
+        local_max_steps=int(run_config["local-max-steps"]),
+        aggregation=str(run_config["aggregation"]),
+        eval_every_rounds=int(run_config["eval-every-rounds"]),
+        save_every_rounds=int(run_config["save-every-rounds"]),
+        save_total_limit=2,
+        learning_rate=float(run_config["learning-rate"]),
+        per_device_train_batch_size=int(run_config["batch-size"]),
+        per_device_eval_batch_size=64,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        seed=int(run_config["seed"]),
+        resume_from_checkpoint=str(run_config["resume"]) or None,
+        report_to="none",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+
+
+def unseen_clients(run_config: dict) -> list[str]:
+    """The clients held out of training (the main job's seeded choice)."""
+    names = [client_name(i) for i in range(int(run_config["num-clients"]))]
+    count = int(round(float(run_config["unseen-fraction"]) * len(names)))
+    rng = np.random.default_rng(int(run_config["seed"]))
+    return sorted(rng.choice(names, size=count, replace=False).tolist()) if count else []
+
+
+def build_model(run_config: dict) -> torch.nn.Module:
+    """MiniLM with the run's PEFT method, seeded (head and adapters), so server and clients start alike."""
+    return _build_model(str(run_config["peft-method"]), int(run_config["bottleneck-dim"]), int(run_config["seed"]))
+
+
+@functools.cache
+def _build_model(method: str, bottleneck_dim: int, seed: int) -> torch.nn.Module:
+    # one model per process: a simulation actor serves many nodes, and every message loads the global state anyway
+    set_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=NUM_LABELS)
+    if method == "c2a":
+        config = peft_c2a.C2AConfig(
+            task_type="SEQ_CLS", num_labels=NUM_LABELS, bottleneck_dim=bottleneck_dim, init_seed=seed
+        )
+    elif method == "bottleneck":
+        config = peft_c2a.BottleneckAdapterConfig(task_type="SEQ_CLS", bottleneck_dim=bottleneck_dim)
+    elif method == "lora":
+        config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16)
+    else:
+        raise ValueError(f"peft-method must be c2a, bottleneck or lora, got {method!r}.")
+    return get_peft_model(base, config)
+
+
+def node_data(context: Context) -> tuple[str, object, object, object]:
+    """This node's client name, training and test datasets (tokenised), and the tokenizer."""
+    config = context.run_config
+    index, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    if partitions != int(config["num-clients"]):
+        raise ValueError(
+            f"The federation has {partitions} SuperNodes (num-partitions) but the run config says num-clients="
+            f"{config['num-clients']}; they must match."
+        )
+    train, tests, tokenizer = _partitions(
+        partitions, float(config["dirichlet-alpha"]), int(config["seed"]), int(config["max-seq-length"])
+    )
+    return client_name(index), train[index], tests[index], tokenizer
+
+
+@functools.cache
+def _partitions(num_clients: int, alpha: float, seed: int, max_seq_length: int) -> tuple[list, list, object]:
+    data = load_bbc_news(test_size=0.2, seed=seed)
+    train_labels, test_labels = np.asarray(data["train"]["label"]), np.asarray(data["test"]["label"])
+    parts = dirichlet_label_partition(train_labels, num_clients, alpha, 8, seed, NUM_LABELS)
+    test_parts = partition_like(test_labels, label_counts(parts, train_labels, NUM_LABELS), seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+
+    def tokenize(batch: dict) -> dict:
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_seq_length)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    encoded = data.map(tokenize, batched=True, remove_columns=data["train"].column_names)
+    train = [encoded["train"].select(part) for part in parts]
+    tests = [encoded["test"].select(part) if len(part) else None for part in test_parts]
+    return train, tests, tokenizer

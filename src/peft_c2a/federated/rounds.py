@@ -1,0 +1,139 @@
+"""The parts of a federated round that every engine shares: who trains, which updates count, what is recorded.
+
+`FederatedTrainer` (one machine, or processes under accelerate) and the Flower strategy (`peft_c2a.flower`) both
+call these functions, so the two engines sample the same clients, reject the same updates and write the same
+history records; only how tensors travel differs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .arguments import FederatedTrainingArguments
+
+TensorDict = dict[str, torch.Tensor]
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of `model` that train, and so cross the wire. Raises `ValueError` if there are none."""
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    if not params:
+        raise ValueError("The model has no trainable parameters: there is nothing to federate.")
+    return params
+
+
+def trainable_state(model: nn.Module) -> TensorDict:
+    """A CPU copy of every trainable tensor of `model` (what a round sends down and gets back)."""
+    return {name: param.detach().to("cpu", copy=True) for name, param in trainable_parameters(model).items()}
+
+
+def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy `state` into `model`'s trainable parameters; names and shapes must match exactly.
+
+    Every name and shape is checked before anything is copied, so a mismatch raises `ValueError` and leaves the
+    model untouched.
+    """
+    params = trainable_parameters(model)
+    if set(state) != set(params):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"Trainable state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}.")
+    for name, param in params.items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise ValueError(f"Shape of {name}: model {tuple(param.shape)}, state {tuple(state[name].shape)}.")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+def sample_round_clients(
+    training_clients: Sequence[str], round_index: int, args: FederatedTrainingArguments
+) -> list[str]:
+    """The clients that train in round `round_index`: a seeded draw without replacement, in name order.
+
+    Depends only on the sorted client names, the round and `args.effective_client_sampling_seed`, so every process,
+    every engine and every resumed run draws the same clients.
+    """
+    names = sorted(training_clients)
+    rng = np.random.default_rng([args.effective_client_sampling_seed, round_index])
+    chosen = rng.choice(len(names), size=args.num_sampled_clients(len(names)), replace=False)
+    return [names[i] for i in sorted(chosen.tolist())]
+
+
+def screen_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Why `update` must not be averaged in (wrong names, shapes or dtypes; NaN or infinite values), or `None`.
+
+    The server calls this on every update it receives: a buggy or hostile client must not be able to corrupt the
+    global state.
+    """
+    if set(update) != set(reference):
+        missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+        return f"tensor names differ from the global state: missing {missing[:3]}, unexpected {extra[:3]}"
+    for name, tensor in update.items():
+        expected = reference[name]
+        if tuple(tensor.shape) != tuple(expected.shape) or tensor.dtype != expected.dtype:
+            return (
+                f"{name} is {tuple(tensor.shape)} {tensor.dtype}, the global state has "
+                f"{tuple(expected.shape)} {expected.dtype}"
+            )
+    bad = [name for name, tensor in update.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        return f"non-finite update in {bad[:3]}"
+    return None
+
+
+def require_enough_updates(
+    round_index: int, sampled: Sequence[str], reports: Sequence[Mapping[str, Any]], args: FederatedTrainingArguments
+) -> list[Mapping[str, Any]]:
+    """The usable (`status == "ok"`) reports; raises `RuntimeError` if fewer than `min_clients_per_round`.
+
+    The check runs before the server step, so a failed round changes nothing (and the last checkpoint stays valid).
+    """
+    usable = [report for report in reports if report["status"] == "ok"]
+    if len(usable) < min(args.min_clients_per_round, len(sampled)):
+        problems = {report["client"]: report.get("error") for report in reports if report["status"] != "ok"}
+        missing = sorted(set(sampled) - {report["client"] for report in reports})
+        if missing:
+            problems.update(dict.fromkeys(missing, "no reply"))
+        raise RuntimeError(
+            f"Round {round_index}: only {len(usable)} usable client updates, below `min_clients_per_round="
+            f"{args.min_clients_per_round}`. Failed or rejected clients: {problems}. The last checkpoint is intact."
+        )
+    return usable
+
+
+def round_record(round_index: int, sampled: Sequence[str], reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The history record of a round's training: losses, counts, bytes, and which clients failed or were rejected.
+
+    Each report is a dict with `client`, `status` (`ok` / `failed` / `rejected`), `bytes_down`, `bytes_up`, and for
+    usable ones `num_examples`, `train_loss`, `local_steps`; failed or rejected ones carry `error`.
+    """
+    usable = [report for report in reports if report["status"] == "ok"]
+    examples = sum(report["num_examples"] for report in usable)
+    loss = sum(report["train_loss"] * report["num_examples"] for report in usable) / examples if examples else math.nan
+    return {
+        "round": round_index,
+        "train_loss": loss,
+        "num_sampled_clients": len(sampled),
+        "num_clients_ok": len(usable),
+        "num_train_examples": examples,
+        "local_steps": sum(report["local_steps"] for report in usable),
+        "bytes_down": sum(report["bytes_down"] for report in reports),
+        "bytes_up": sum(report["bytes_up"] for report in reports),
+        "bytes_up_per_client": max((report["bytes_up"] for report in usable), default=0),
+        "sampled_clients": list(sampled),
+        "failed_clients": {r["client"]: r.get("error") for r in reports if r["status"] == "failed"},
+        "rejected_clients": {r["client"]: r.get("error") for r in reports if r["status"] == "rejected"},
+        "client_train_loss": {report["client"]: report["train_loss"] for report in usable},
+    }
+
+
+def is_evaluation_round(round_index: int, args: FederatedTrainingArguments) -> bool:
+    """Whether round `round_index` ends with an evaluation (every `eval_every_rounds`, and always the last)."""
+    every = args.eval_every_rounds
+    return bool(every and round_index % every == 0) or round_index == args.num_rounds

@@ -1,0 +1,504 @@
+"""`FederatedStrategy`: the server side of a `FederatedTrainer` federation, as a Flower `Strategy`.
+
+It shares its algorithm with `FederatedTrainer` function for function: `sample_round_clients` picks who trains,
+`screen_update` rejects malformed or non-finite updates, `UpdateAccumulator` + the server optimizer of
+`make_server_optimizer` aggregate, `round_record` / `summarize_clients` write the history. With the same clients,
+settings and seed, its global state equals the trainer's (tested).
+
+Flower's strategies address nodes; this one addresses *clients*: a `query` message asks every node which clients it
+holds, and each round's seeded sample of clients is mapped onto their nodes. `start` adds what Flower lacks: a
+checkpoint every `save_every_rounds` (`round-{k}/`, the same atomic, hashed format as `FederatedTrainer`) and exact
+resume from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from peft import PeftModel
+from torch import nn
+
+from ..federated.aggregation import UpdateAccumulator, make_server_optimizer, state_nbytes
+from ..federated.arguments import FederatedTrainingArguments
+from ..federated.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_checkpoint,
+    remove_stale_temporaries,
+    write_checkpoint,
+)
+from ..federated.metrics import scalar_items, summarize_clients, write_history
+from ..federated.rounds import (
+    is_evaluation_round,
+    load_trainable_state,
+    require_enough_updates,
+    round_record,
+    sample_round_clients,
+    screen_update,
+    trainable_state,
+)
+from ..federated.trainer import FEDERATION_STATE_FILE, HISTORY_FILE, SERVER_STATE_FILE, TRAINABLE_STATE_FILE
+from .records import CLIENTS_KEY, CONFIG_KEY, METRICS_KEY, OWN_PREFIX, STATE_KEY, UNIFORM_PREFIX, state_from_record
+
+# Flower's own logger: what the strategy says then shows in `flwr run --stream` / `flwr log` with Flower's lines
+logger = logging.getLogger("flwr")
+
+TensorDict = dict[str, torch.Tensor]
+EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
+
+
+class FederatedStrategy(Strategy):
+    """A Flower strategy that runs `FederatedTrainer`'s algorithm over the clients held by Flower nodes.
+
+    Args:
+        model: the model being federated (its trainable parameters are the initial global state; the final and
+            checkpointed global states are loaded into it, and PEFT models are saved with `save_pretrained`).
+        args: the `FederatedTrainingArguments` of the federation: `num_rounds`, `clients_per_round` /
+            `client_fraction`, `aggregation` and server optimizer settings, `min_clients_per_round`, `seed` /
+            `client_sampling_seed`, `eval_every_rounds`, `save_every_rounds`, `save_total_limit`, `output_dir`.
+            Local-training settings are the clients' (their own `args`). Only `federation_mode="federated"` runs on
+            Flower.
+        unseen_clients: client names that never train; they are evaluated with their own descriptors.
+        min_available_nodes: nodes to wait for before asking which clients exist.
+        node_wait_timeout: seconds to wait for them before failing.
+
+    Raises:
+        ValueError: `args.federation_mode` is not `"federated"`, or the model has no trainable parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: FederatedTrainingArguments,
+        unseen_clients: Sequence[str] = (),
+        min_available_nodes: int = 1,
+        node_wait_timeout: float = 600.0,
+    ) -> None:
+        if args.federation_mode != "federated":
+            raise ValueError(
+                f"Flower runs federated rounds; local-only and centralised baselines (federation_mode="
+                f"{args.federation_mode!r}) run with FederatedTrainer."
+            )
+        self.model = model
+        self.args = args
+        self.unseen_clients = sorted(unseen_clients)
+        self.min_available_nodes = min_available_nodes
+        self.node_wait_timeout = node_wait_timeout
+        self.global_state: TensorDict = trainable_state(model)
+        self.server_optimizer = make_server_optimizer(args)
+        self.history: list[dict[str, Any]] = []
+        self.client_nodes: dict[str, int] = {}
+        self.client_examples: dict[str, int] = {}
+        self.evaluable_clients: list[str] = []
+        self.training_clients: list[str] = []
+        self._round_start = 0.0
+        self._round_record: dict[str, Any] = {}
+
+    # ---- Strategy interface ---------------------------------------------------------------------------------------
+
+    def summary(self) -> None:
+        """Log the federation's settings."""
+        args = self.args
+        logger.info(
+            "FederatedStrategy: %d rounds, %s aggregation, %s clients per round, seed %d, checkpoints every %s rounds "
+            "in %s",
+            args.num_rounds,
+            args.aggregation,
+            args.clients_per_round or f"{args.client_fraction:.0%} of the",
+            args.seed,
+            args.save_every_rounds or "no",
+            args.output_dir,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One `train` message per client sampled for `server_round`, to the node that holds it."""
+        sampled = sample_round_clients(self.training_clients, server_round, self.args)
+        self._round_record = {"sampled_clients": sampled}
+        return [
+            Message(
+                RecordDict({STATE_KEY: arrays, CONFIG_KEY: self._client_config(config, server_round, name)}),
+                message_type=MessageType.TRAIN,
+                dst_node_id=self.client_nodes[name],
+            )
+            for name in sampled
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """Screen the updates, average the usable ones by example count and take the server optimizer step.
+
+        Raises `RuntimeError` (leaving the global state and the last checkpoint untouched) when fewer than
+        `min_clients_per_round` updates are usable.
+        """
+        sampled: list[str] = self._round_record["sampled_clients"]
+        down = state_nbytes(self.global_state)
+        reports: dict[str, dict[str, Any]] = {}
+        updates: dict[str, TensorDict] = {}
+        node_errors: dict[int, str] = {}
+        for reply in replies:
+            if reply.has_error():
+                node_errors[reply.metadata.src_node_id] = f"error reply: {reply.error.reason}"
+                continue
+            name, report, update = self._read_train_reply(reply, sampled, down)
+            if name is None:
+                continue
+            reports[name] = report
+            if update is not None:
+                updates[name] = update
+        for name in sampled:  # a client without a usable reply failed (its node's error, or no reply at all)
+            if name not in reports:
+                error = node_errors.get(self.client_nodes[name], "no reply before the timeout")
+                reports[name] = {"client": name, "status": "failed", "error": error, "bytes_down": down, "bytes_up": 0}
+        ordered = [reports[name] for name in sampled]  # the trainer's summation order: sampled order
+        require_enough_updates(server_round, sampled, ordered, self.args)
+        accumulator = UpdateAccumulator(self.global_state)
+        for report in ordered:
+            if report["status"] == "ok":
+                accumulator.add(updates[report["client"]], report["num_examples"])
+        self.global_state = self.server_optimizer.step(self.global_state, accumulator.mean())
+        self._round_record = round_record(server_round, sampled, ordered)
+        self._round_record["train_time"] = time.time() - self._round_start
+        for name, report in reports.items():
+            if report["status"] != "ok":
+                logger.warning("Round %d: client %r %s: %s", server_round, name, report["status"], report["error"])
+        return ArrayRecord(self.global_state), MetricRecord(
+            {key: float(value) for key, value in scalar_items(self._round_record).items()}
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """On evaluation rounds, one `evaluate` message per node that holds clients with evaluation data."""
+        if not is_evaluation_round(server_round, self.args):
+            return []
+        by_node: dict[int, list[str]] = {}
+        for name in self.evaluable_clients:
+            by_node.setdefault(self.client_nodes[name], []).append(name)
+        messages = []
+        for node, names in sorted(by_node.items()):
+            settings = ConfigRecord(dict(config))
+            settings.update(
+                {
+                    "server-round": server_round,
+                    "seed": self.args.seed,
+                    "clients": names,
+                    "client-ids": [self._client_id(name) for name in names],
+                }
+            )
+            messages.append(
+                Message(
+                    RecordDict({STATE_KEY: arrays, CONFIG_KEY: settings}),
+                    message_type=MessageType.EVALUATE,
+                    dst_node_id=node,
+                )
+            )
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        """Per-client scores summarised like `FederatedTrainer.evaluate_federation`.
+
+        `eval_personalized_*`: training clients with their own descriptors; `eval_unseen_*`: unseen clients with theirs;
+        `eval_global_{loss,accuracy}`: every evaluated client's data with the uniform descriptor, pooled (the union of
+        the clients' test sets stands in for a server-side test set, which a federation usually does not have).
+        """
+        own: dict[str, dict[str, float]] = {}
+        uniform: dict[str, dict[str, float]] = {}
+        for reply in replies:
+            if reply.has_error():
+                logger.warning(
+                    "Round %d: evaluation failed on node %d: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
+                continue
+            for key, record in reply.content.metric_records.items():
+                target = own if key.startswith(OWN_PREFIX) else uniform if key.startswith(UNIFORM_PREFIX) else None
+                if target is not None:
+                    target[key.split("/", 1)[1]] = {k: float(v) for k, v in record.items()}
+        out: dict[str, Any] = {}
+        pooled = sum(scores.get("num_examples", 0.0) for scores in uniform.values())
+        for score in ("loss", "accuracy"):
+            pairs = [(s[score], s.get("num_examples", 0.0)) for s in uniform.values() if score in s]
+            if pairs and pooled:
+                out[f"eval_global_{score}"] = sum(value * weight for value, weight in pairs) / pooled
+        if uniform:
+            out["eval_global_num_examples"] = pooled
+        seen = {name: scores for name, scores in own.items() if name not in self.unseen_clients}
+        unseen = {name: scores for name, scores in own.items() if name in self.unseen_clients}
+        out.update(summarize_clients(seen, "eval_personalized"))
+        out.update(summarize_clients(unseen, "eval_unseen"))
+        out["eval_clients"] = dict(sorted(seen.items()))
+        if unseen:
+            out["eval_unseen_clients"] = dict(sorted(unseen.items()))
+        self._round_record.update(out)
+        return MetricRecord({key: float(value) for key, value in scalar_items(out).items()})
+
+    # ---- the round loop, with checkpoints ------------------------------------------------------------------------
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: Optional[ArrayRecord] = None,
+        num_rounds: Optional[int] = None,
+        timeout: float = 3600,
+        train_config: Optional[ConfigRecord] = None,
+        evaluate_config: Optional[ConfigRecord] = None,
+        evaluate_fn: Optional[EvaluateFn] = None,
+        resume_from_checkpoint: Union[str, bool, None] = None,
+    ) -> Result:
+        """Run the federation; like `Strategy.start`, plus checkpoints and resume.
+
+        Args:
+            grid: Flower's grid.
+            initial_arrays: the initial global state (default: the model's trainable parameters).
+            num_rounds: must equal `args.num_rounds` if given (the checkpoints and the evaluation schedule use it).
+            timeout: seconds to wait for the replies of one round's messages.
+            train_config / evaluate_config: extra settings sent with every train / evaluate message.
+            evaluate_fn: optional server-side evaluation `(round, arrays) -> MetricRecord`, after every round.
+            resume_from_checkpoint: `True` continues after the newest `output_dir/round-{k}/`, a path after that
+                checkpoint; finished rounds are not redone.
+
+        Returns:
+            Flower's `Result`: the final global arrays and the per-round metrics. The full history (per-client
+            scores included) is `self.history`, also written to `output_dir/history.json`.
+        """
+        args = self.args
+        if num_rounds is not None and num_rounds != args.num_rounds:
+            raise ValueError(f"num_rounds={num_rounds} differs from args.num_rounds={args.num_rounds}.")
+        started = time.time()
+        self.summary()
+        self._discover_clients(grid)
+        if initial_arrays is not None:
+            self.global_state = state_from_record(initial_arrays)
+        first_round = 1
+        for stale in remove_stale_temporaries(args.output_dir):
+            logger.warning("Removed %s, a checkpoint left half-written by an interrupted run.", stale)
+        if resume_from_checkpoint not in (None, False, "", "false", "False"):
+            use_latest = resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true"
+            path = latest_checkpoint(args.output_dir) if use_latest else Path(str(resume_from_checkpoint))
+            if path is None:
+                raise CheckpointError(f"No complete federated checkpoint (round-*/) found in {args.output_dir}.")
+            first_round = self.load_checkpoint(path) + 1
+            started -= self.history[-1].get("wall_time", 0.0) if self.history else 0.0
+            logger.info("Resuming the federation after round %d from %s.", first_round - 1, path)
+        load_trainable_state(self.model, self.global_state)
+
+        result = Result(arrays=ArrayRecord(self.global_state))
+        for server_round in range(first_round, args.num_rounds + 1):
+            self._round_start = time.time()
+            arrays = ArrayRecord(self.global_state)
+            replies = grid.send_and_receive(
+                self.configure_train(server_round, arrays, ConfigRecord(dict(train_config or {})), grid),
+                timeout=timeout,
+            )
+            arrays, train_metrics = self.aggregate_train(server_round, replies)
+            result.arrays = arrays
+            result.train_metrics_clientapp[server_round] = train_metrics
+            messages = list(
+                self.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid)
+            )
+            if messages:
+                eval_start = time.time()
+                evaluation = self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+                if evaluation is not None:
+                    result.evaluate_metrics_clientapp[server_round] = evaluation
+                self._round_record["eval_time"] = time.time() - eval_start
+            if evaluate_fn is not None:
+                server_metrics = evaluate_fn(server_round, arrays)
+                if server_metrics is not None:
+                    result.evaluate_metrics_serverapp[server_round] = server_metrics
+                    self._round_record.update({f"server_{key}": value for key, value in server_metrics.items()})
+            record = self._round_record
+            record["round_time"] = time.time() - self._round_start
+            record["wall_time"] = time.time() - started
+            self.history.append(record)
+            logger.info("Round %d: %s", server_round, _headline(record))
+            write_history(self.history, args.output_dir)
+            if args.save_every_rounds and (
+                server_round % args.save_every_rounds == 0 or server_round == args.num_rounds
+            ):
+                self.save_checkpoint(server_round)
+        load_trainable_state(self.model, self.global_state)
+        return result
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, round_index: int) -> Path:
+        """Write `output_dir/round-{round_index}/` (atomic, hashed): global state, server optimizer, history,
+        the run's identity, and the global adapter via `save_pretrained` for PEFT models."""
+        args = self.args
+        load_trainable_state(self.model, self.global_state)
+        documents = {
+            FEDERATION_STATE_FILE: {"round": round_index, "num_rounds": args.num_rounds, **self._identity()},
+            HISTORY_FILE: self.history,
+        }
+        tensors = {TRAINABLE_STATE_FILE: self.global_state, SERVER_STATE_FILE: self.server_optimizer.state_dict()}
+        write_extra = self.model.save_pretrained if isinstance(self.model, PeftModel) else None
+        path = write_checkpoint(args.output_dir, round_index, tensors, documents, write_extra)
+        prune_checkpoints(args.output_dir, args.save_total_limit)
+        logger.info("Saved the round-%d checkpoint to %s.", round_index, path)
+        return path
+
+    def load_checkpoint(self, path: Union[str, Path]) -> int:
+        """Restore the global state, server optimizer and history from a checkpoint; return its round.
+
+        Raises `CheckpointError` if the checkpoint is corrupt, incomplete, or from a run with other clients, seeds or
+        aggregation. Nothing is changed when it raises.
+        """
+        path = Path(path)
+        tensors, documents = read_checkpoint(path)
+        try:
+            meta, history = documents[FEDERATION_STATE_FILE], documents[HISTORY_FILE]
+            state = tensors[TRAINABLE_STATE_FILE]
+        except KeyError as error:
+            raise CheckpointError(
+                f"Checkpoint {path} lacks {error.args[0]}: it is not a federated checkpoint."
+            ) from error
+        for key, value in self._identity().items():
+            if meta.get(key) != value:
+                raise CheckpointError(
+                    f"Checkpoint {path} was written with {key}={meta.get(key)!r}, but this run has {value!r}."
+                )
+        round_index = int(meta["round"])
+        if round_index > self.args.num_rounds:
+            raise CheckpointError(
+                f"Checkpoint {path} is at round {round_index}, beyond num_rounds={self.args.num_rounds}."
+            )
+        reason = screen_update(state, self.global_state)
+        if reason is not None:
+            raise CheckpointError(f"Checkpoint {path} does not fit this model: {reason}.")
+        server = make_server_optimizer(self.args)
+        try:
+            server.load_state_dict(tensors.get(SERVER_STATE_FILE, {}))
+        except ValueError as error:
+            raise CheckpointError(f"Checkpoint {path} has an unusable server optimizer state: {error}") from error
+        self.global_state = {key: value.clone() for key, value in state.items()}
+        self.server_optimizer = server
+        self.history = [record for record in history if record["round"] <= round_index]
+        return round_index
+
+    # ---- helpers -------------------------------------------------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        """What must be the same for a checkpoint to continue this run (it decides which clients train when)."""
+        args = self.args
+        return {
+            "engine": "flower",
+            "federation_mode": args.federation_mode,
+            "aggregation": args.aggregation,
+            "training_clients": self.training_clients,
+            "unseen_clients": self.unseen_clients,
+            "seed": args.seed,
+            "client_sampling_seed": args.effective_client_sampling_seed,
+            "clients_per_round": args.num_sampled_clients(len(self.training_clients)),
+        }
+
+    def _discover_clients(self, grid: Grid) -> None:
+        """Ask every node which clients it holds; map client names to nodes. Raises `ValueError` on conflicts."""
+        deadline = time.time() + self.node_wait_timeout
+        while len(node_ids := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            if time.time() > deadline:
+                raise TimeoutError(
+                    f"Only {len(node_ids)} of min_available_nodes={self.min_available_nodes} nodes connected within "
+                    f"{self.node_wait_timeout:.0f} s."
+                )
+            time.sleep(0.5)
+        queries = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node) for node in node_ids]
+        replies = list(grid.send_and_receive(queries, timeout=self.node_wait_timeout))
+        nodes: dict[str, int] = {}
+        examples: dict[str, int] = {}
+        evaluable: list[str] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise RuntimeError(f"Node {node} could not describe its clients: {reply.error.reason}")
+            description = reply.content[CLIENTS_KEY]
+            if int(description["seed"]) != self.args.seed:
+                raise ValueError(f"Node {node} runs with seed {description['seed']}, the server with {self.args.seed}.")
+            for name, count, can_evaluate in zip(
+                description["names"], description["num-examples"], description["evaluable"], strict=True
+            ):
+                if name in nodes:
+                    raise ValueError(f"Client {name!r} is held by two nodes ({nodes[name]} and {node}).")
+                nodes[name], examples[name] = node, int(count)
+                if can_evaluate:
+                    evaluable.append(name)
+        unknown = sorted(set(self.unseen_clients) - set(nodes))
+        if unknown:
+            raise ValueError(f"`unseen_clients` names clients that no node holds: {unknown}.")
+        self.client_nodes, self.client_examples = nodes, examples
+        self.training_clients = sorted(name for name in nodes if name not in self.unseen_clients)
+        self.evaluable_clients = sorted(evaluable)
+        if not self.training_clients:
+            raise ValueError("No node holds a training client (all are unseen, or no node replied).")
+        if self.args.min_clients_per_round > self.args.num_sampled_clients(len(self.training_clients)):
+            raise ValueError(
+                f"`min_clients_per_round={self.args.min_clients_per_round}` exceeds the clients sampled per round."
+            )
+        logger.info("%d clients on %d nodes: %s", len(nodes), len(node_ids), sorted(nodes))
+
+    def _client_id(self, name: str) -> int:
+        # FederatedTrainer numbers clients by sorted name over all of them, unseen included
+        return sorted(self.client_nodes).index(name)
+
+    def _client_config(self, config: Mapping[str, Any], server_round: int, name: str) -> ConfigRecord:
+        settings = ConfigRecord(dict(config))
+        settings.update(
+            {"server-round": server_round, "seed": self.args.seed, "client": name, "client-id": self._client_id(name)}
+        )
+        return settings
+
+    def _read_train_reply(
+        self, reply: Message, sampled: Sequence[str], down: int
+    ) -> tuple[Optional[str], dict[str, Any], Optional[TensorDict]]:
+        """The client, report and (usable) update of one train reply; the update is screened like any input."""
+        content = reply.content
+        try:
+            name = str(content[CONFIG_KEY]["client"])
+        except KeyError:
+            logger.warning("A train reply from node %d names no client; ignored.", reply.metadata.src_node_id)
+            return None, {}, None
+        if name not in sampled or self.client_nodes.get(name) != reply.metadata.src_node_id:
+            logger.warning(
+                "Node %d replied for client %r, which it was not asked to train; ignored.",
+                reply.metadata.src_node_id,
+                name,
+            )
+            return None, {}, None
+        report: dict[str, Any] = {"client": name, "bytes_down": down, "bytes_up": 0}
+        try:
+            update = state_from_record(content[STATE_KEY])
+            metrics = content[METRICS_KEY]
+            report.update(
+                num_examples=int(metrics["num-examples"]),
+                train_loss=float(metrics["train-loss"]),
+                local_steps=int(metrics["local-steps"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            return name, report | {"status": "rejected", "error": f"malformed reply: {error!r}"}, None
+        report["bytes_up"] = state_nbytes(update)
+        reason = screen_update(update, self.global_state)
+        if reason is None and report["num_examples"] <= 0:
+            reason = f"example count {report['num_examples']} is not positive"
+        if reason is not None:
+            return name, report | {"status": "rejected", "error": reason}, None
+        return name, report | {"status": "ok"}, update
+
+
+def _headline(record: Mapping[str, Any]) -> str:
+    keys = ("train_loss", "eval_global_accuracy", "eval_personalized_mean_accuracy", "eval_personalized_worst_accuracy")
+    return ", ".join(f"{key}={record[key]:.4f}" for key in keys if key in record)

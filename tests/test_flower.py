@@ -1,0 +1,172 @@
+"""The Flower engine runs the same federation as `FederatedTrainer`: real `run_simulation` with Ray, tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+import cloudpickle  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+from transformers import default_data_collator  # noqa: E402
+
+from peft_c2a.federated import CheckpointError, FederatedTrainer  # noqa: E402
+from peft_c2a.flower import FederatedStrategy  # noqa: E402
+
+from . import federated_utils, flower_utils  # noqa: E402
+from .federated_utils import fed_args, skewed_clients, tiny_model  # noqa: E402
+from .flower_utils import NUM_NODES, federation_settings  # noqa: E402
+
+# Ray's workers cannot import the test package: ship these modules by value
+cloudpickle.register_pickle_by_value(flower_utils)
+cloudpickle.register_pickle_by_value(federated_utils)
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+pytestmark = pytest.mark.slow
+C2A_WITH_IDS = (("num_clients", NUM_NODES),)  # a client-id embedding: the server must send each client its id
+
+
+def simulate(client_app, server_app) -> None:
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=NUM_NODES,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
+
+
+def run_flower(output_dir, resume=None, **settings) -> dict:
+    sink: dict = {}
+    simulate(
+        flower_utils.client_app(str(output_dir), overrides=C2A_WITH_IDS, **settings),
+        flower_utils.server_app(str(output_dir), sink, overrides=C2A_WITH_IDS, resume=resume, **settings),
+    )
+    assert "strategy" in sink, "the ServerApp did not finish (see the log above)"
+    return sink
+
+
+def assert_states_close(actual, expected, atol=1e-6):
+    assert set(actual) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key].double(), expected[key].double(), rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def flower_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("flower")
+    return output_dir, run_flower(output_dir)
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    train, test = skewed_clients(NUM_NODES)
+    trainer = FederatedTrainer(
+        tiny_model("c2a", seed=0, **dict(C2A_WITH_IDS)),
+        fed_args(tmp_path_factory.mktemp("trainer"), **federation_settings()),
+        train,
+        test,
+        data_collator=default_data_collator,
+    )
+    trainer.train()
+    return trainer
+
+
+def test_simulation_equals_federated_trainer(flower_run, trainer_run):
+    output_dir, sink = flower_run
+    strategy: FederatedStrategy = sink["strategy"]
+    assert strategy.training_clients == sorted(trainer_run.clients)
+    assert_states_close(strategy.global_state, trainer_run.global_state)
+    for flower_record, trainer_record in zip(strategy.history, trainer_run.history, strict=True):
+        assert flower_record["sampled_clients"] == trainer_record["sampled_clients"]
+        assert len(flower_record["sampled_clients"]) == 2
+        assert flower_record["train_loss"] == pytest.approx(trainer_record["train_loss"], abs=1e-6)
+        assert flower_record["client_train_loss"] == pytest.approx(trainer_record["client_train_loss"], abs=1e-6)
+        for key in ("bytes_down", "bytes_up", "bytes_up_per_client", "num_train_examples", "local_steps"):
+            assert flower_record[key] == trainer_record[key], key
+        # personalised scores: each client with its own descriptor, on its own test set
+        for name, scores in trainer_record["eval_clients"].items():
+            assert flower_record["eval_clients"][name]["accuracy"] == pytest.approx(scores["accuracy"], abs=1e-6)
+    # Flower's own result carries the same final state
+    final = {key: torch.as_tensor(value.numpy()) for key, value in sink["result"].arrays.items()}
+    assert_states_close(final, trainer_run.global_state, atol=0)
+
+
+def test_simulation_learns_and_writes_history_checkpoints_and_adapter(flower_run):
+    output_dir, sink = flower_run
+    history = sink["strategy"].history
+    assert [record["round"] for record in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["eval_personalized_mean_loss"] < history[0]["eval_personalized_mean_loss"]
+    assert history[-1]["eval_personalized_mean_accuracy"] > history[0]["eval_personalized_mean_accuracy"] + 0.2
+    assert 0.0 <= history[-1]["eval_global_accuracy"] <= 1.0
+    assert history[-1]["eval_personalized_num_clients"] == NUM_NODES
+    written = json.loads((output_dir / "history.json").read_text())
+    assert [record["round"] for record in written] == [1, 2, 3]
+    assert (output_dir / "round-3" / "adapter_model.safetensors").is_file()
+    assert (output_dir / "round-3" / "checkpoint_manifest.json").is_file()
+
+
+def test_resume_continues_exactly(flower_run, tmp_path):
+    _, uninterrupted = flower_run
+    first = run_flower(tmp_path, num_rounds=2)  # the same federation, stopped after round 2
+    assert [record["round"] for record in first["strategy"].history] == [1, 2]
+    resumed = run_flower(tmp_path, resume=True)
+    strategy = resumed["strategy"]
+    assert [record["round"] for record in strategy.history] == [1, 2, 3]
+    assert_states_close(strategy.global_state, uninterrupted["strategy"].global_state, atol=0)
+
+
+def test_hostile_updates_are_rejected_and_never_averaged(tmp_path):
+    # node 2 sends NaN (round 1) and a misshapen tensor (rounds 2-3); the global state must stay the FedAvg of the
+    # honest clients, i.e. what FederatedTrainer computes over clients 0 and 1 alone
+    settings = dict(clients_per_round=3, num_rounds=2)
+    sink: dict = {}
+    simulate(
+        flower_utils.hostile_client_app(str(tmp_path / "flower"), **settings),
+        flower_utils.server_app(str(tmp_path / "flower"), sink, **settings),
+    )
+    strategy = sink["strategy"]
+    first, second = strategy.history
+    assert list(first["rejected_clients"]) == ["client-2"] and "non-finite" in first["rejected_clients"]["client-2"]
+    assert (
+        list(second["rejected_clients"]) == ["client-2"]
+        and "global state has" in second["rejected_clients"]["client-2"]
+    )
+    assert first["num_clients_ok"] == 2
+    train, test = skewed_clients(NUM_NODES)
+    honest = {name: train[name] for name in ("client-0", "client-1")}
+    reference = FederatedTrainer(
+        tiny_model("c2a", seed=0),
+        fed_args(tmp_path / "reference", **federation_settings(**settings)),
+        honest,
+        data_collator=default_data_collator,
+    )
+    reference.train()
+    assert_states_close(strategy.global_state, reference.global_state)
+
+
+def test_strategy_checks_its_input(tmp_path):
+    model = tiny_model("c2a")
+    with pytest.raises(ValueError, match="federation_mode='local'"):
+        FederatedStrategy(model, fed_args(tmp_path, federation_mode="local"))
+    strategy = FederatedStrategy(model, fed_args(tmp_path, **federation_settings()))
+    strategy.training_clients = ["client-0", "client-1"]
+    strategy.save_checkpoint(1)
+    other = FederatedStrategy(tiny_model("c2a"), fed_args(tmp_path, **federation_settings(seed=1)))
+    other.training_clients = ["client-0", "client-1"]
+    with pytest.raises(CheckpointError, match="seed"):
+        other.load_checkpoint(tmp_path / "round-1")
+    bottleneck = FederatedStrategy(tiny_model("bottleneck"), fed_args(tmp_path, **federation_settings()))
+    bottleneck.training_clients = ["client-0", "client-1"]
+    with pytest.raises(CheckpointError, match="does not fit"):
+        bottleneck.load_checkpoint(tmp_path / "round-1")
+    (tmp_path / "round-1" / "trainable_state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        strategy.load_checkpoint(tmp_path / "round-1")
