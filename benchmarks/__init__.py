@@ -1,0 +1,1 @@
+"""Benchmarks for peft-c2a (scripts) and their shared support code."""

@@ -1,0 +1,343 @@
+"""benchmarks/federated.py: its pure helpers and report logic (fast), and the --quick preset end to end (slow)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "federated.py"
+ALL_METHODS = ["c2a", "bottleneck", "lora", "fedprox_lora", "head", "local", "centralized"]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_federated", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark()
+
+
+# ---------------------------------------------------------------------------------------------------- pure helpers
+
+
+def test_rounds_to_reach(bench):
+    curve = [(1, 0.2), (2, 0.5), (3, 0.81), (4, 0.7), (5, 0.9)]
+    assert bench.rounds_to_reach(curve, 0.8) == 3
+    assert bench.rounds_to_reach(curve, 0.81) == 3  # reaching the threshold exactly counts
+    assert bench.rounds_to_reach(list(reversed(curve)), 0.8) == 3  # order of the points does not matter
+    assert bench.rounds_to_reach(curve, 0.95) is None  # never reached: None, not the last round
+    assert bench.rounds_to_reach([(1, None), (2, math.nan), (3, 0.9)], 0.5) == 3
+    assert bench.rounds_to_reach([], 0.1) is None
+
+
+def test_mean_std(bench):
+    stats = bench.mean_std([0.5, 0.7, 0.9])
+    assert stats["mean"] == pytest.approx(0.7)
+    assert stats["std"] == pytest.approx(0.2)  # sample std (ddof = 1)
+    assert (stats["n"], stats["missing"]) == (3, 0)
+    one = bench.mean_std([0.4])
+    assert one["mean"] == pytest.approx(0.4) and one["std"] is None  # one seed has no spread
+    holes = bench.mean_std([0.2, None, math.nan, 0.4])
+    assert holes["mean"] == pytest.approx(0.3) and (holes["n"], holes["missing"]) == (2, 2)
+    assert bench.mean_std([]) == {"mean": None, "std": None, "n": 0, "missing": 0}
+
+
+def test_select_lr_argmax_and_deterministic_ties(bench):
+    assert bench.select_lr({1e-4: 0.5, 3e-4: 0.7, 1e-3: 0.6}) == 3e-4
+    # ties go to the smaller lr, whatever the order of the mapping
+    assert bench.select_lr({3e-3: 0.8, 1e-4: 0.6, 1e-3: 0.8}) == 1e-3
+    assert bench.select_lr({1e-3: 0.8, 3e-3: 0.8}) == 1e-3
+    # a failed run (None / NaN criterion) never wins
+    assert bench.select_lr({1e-4: 0.1, 1e-3: None, 3e-3: math.nan}) == 1e-4
+    with pytest.raises(ValueError, match="No usable selection run"):
+        bench.select_lr({1e-3: None, 3e-3: math.nan})
+
+
+def test_carve_validation(bench):
+    rng = np.random.default_rng(0)
+    parts = [np.sort(rng.choice(1000, size=n, replace=False)) for n in (40, 8, 2, 1)]
+    fits, vals = bench.carve_validation(parts, 0.15, seed=3)
+    for part, fit, val in zip(parts, fits, vals, strict=True):
+        assert not set(fit) & set(val)
+        assert sorted(set(fit) | set(val)) == sorted(part)
+        assert list(fit) == sorted(fit) and list(val) == sorted(val)
+        assert len(fit) >= 1
+    assert [len(v) for v in vals] == [6, 1, 1, 0]  # round(0.15 n), at least one, never the only example
+    again = bench.carve_validation(parts, 0.15, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(vals, again[1], strict=True))
+    with pytest.raises(ValueError):
+        bench.carve_validation(parts, 1.0, seed=0)
+
+
+def test_choose_unseen(bench):
+    names = [f"client-{i:02d}" for i in range(20)]
+    unseen = bench.choose_unseen(names, 0.2, seed=0)
+    assert len(unseen) == 4 and set(unseen) <= set(names)
+    assert unseen == bench.choose_unseen(names, 0.2, seed=0)
+    assert bench.choose_unseen(names, 0.0, seed=0) == []
+    # grouped: round-robin over groups, so 4 unseen out of 5 languages x 4 clients come from 4 languages
+    groups = [lang for lang in ("de", "en", "es", "fr", "ru") for _ in range(4)]
+    names = [f"{g}-{i % 4}" for i, g in enumerate(groups)]
+    unseen = bench.choose_unseen(names, 0.2, seed=1, groups=groups)
+    assert len(unseen) == 4 and len({name.split("-")[0] for name in unseen}) == 4
+
+
+def test_grouped_partition_like_stays_inside_each_group(bench):
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2] * 5)
+    groups = np.array(["a"] * 30 + ["b"] * 30)
+    counts = np.array([[5, 0, 1], [0, 4, 4], [3, 3, 0], [1, 1, 1]])
+    client_groups = ["a", "a", "b", "b"]
+    parts = bench.grouped_partition_like(labels, groups, counts, client_groups, seed=0)
+    for part, group, count in zip(parts, client_groups, counts, strict=True):
+        assert set(groups[part]) <= {group}
+        assert set(labels[part]) <= set(np.flatnonzero(count))  # a client only gets labels it trains on
+    flat = np.concatenate(parts)
+    assert len(flat) == len(set(flat.tolist()))
+
+
+def test_paths_and_numbers(bench):
+    assert bench.fmt_number(0.1) == "0.1" and bench.fmt_number(5.0) == "5" and bench.fmt_number(3e-4) == "0.0003"
+    spec = bench.RunSpec("label_skew", 0.1, "c2a", "final", 3e-4, 2, settings={})
+    assert spec.relative_path() == Path("runs/label_skew/alpha-0.1/c2a/final/lr-0.0003/seed-2.json")
+
+
+def test_atomic_write_leaves_no_temporaries(bench, tmp_path):
+    target = tmp_path / "a" / "run.json"
+    bench.atomic_write_json(target, {"x": np.float32(0.5), "complete": True})
+    bench.atomic_write_json(target, {"x": 1, "complete": True})
+    assert json.loads(target.read_text()) == {"x": 1, "complete": True}
+    assert [p.name for p in target.parent.iterdir()] == ["run.json"]
+    assert bench.read_run(target) is not None
+    (tmp_path / "half.json").write_text('{"complete": fa')
+    assert bench.read_run(tmp_path / "half.json") is None
+
+
+def test_quick_preset_keeps_explicit_flags(bench):
+    args = bench.parse_args(["--quick"])
+    assert args.methods == ALL_METHODS and args.lrs == [3e-3] and args.seeds == [0] and args.num_rounds == 2
+    args = bench.parse_args(["--quick", "--methods", "c2a", "lora", "--num_rounds", "3"])
+    assert args.methods == ["c2a", "lora"] and args.num_rounds == 3 and args.num_clients == 8
+    default = bench.parse_args([])
+    assert default.lrs == [1e-4, 3e-4, 1e-3, 3e-3] and default.alphas == [0.1, 0.5, 5.0] and default.seeds == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------- report logic
+
+
+def fake_run(method, seed, curve, worst, bytes_up, lr=1e-3, phase="final", grid=(1e-3,), step=0.1, criterion=None):
+    """A minimal run document as `run_single` writes it."""
+    return {
+        "status": "ok",
+        "error": None,
+        "config": {
+            "scenario": "label_skew",
+            "alpha": 0.1,
+            "method": method,
+            "phase": phase,
+            "lr": lr,
+            "seed": seed,
+            "lr_grid": list(grid),
+            "settings": {"selection_seed": 0},
+        },
+        "environment": {"cpu_model": "cpu", "cpu_count": 2, "torch_threads": 2, "torch": "x"},
+        "derived": {
+            "final": {
+                "personalized_mean_accuracy": curve[-1],
+                "personalized_worst_accuracy": worst,
+                "global_accuracy": curve[-1] - 0.1,
+                "unseen_mean_accuracy": None,
+            },
+            "criterion": {"value": criterion},
+            "curves": {
+                "personalized_mean_accuracy": [[r + 1, v] for r, v in enumerate(curve)],
+                "personalized_worst_accuracy": [[r + 1, worst] for r in range(len(curve))],
+                "global_accuracy": [[r + 1, v - 0.1] for r, v in enumerate(curve)],
+            },
+            "per_client_accuracy": {"client-00": curve[-1]},
+            "unseen_client_accuracy": {},
+            "bytes_up_per_client_per_round": bytes_up,
+            "trainable_params_no_head": 10,
+            "trainable_params_with_head": 12,
+            "step_time_s_median": step,
+            "memory": {"peak_rss_mb": 800.0, "peak_increase_mb": 200.0},
+            "wall_time_s": 60.0,
+        },
+    }
+
+
+def test_aggregate_rounds_threshold_and_targets(bench):
+    runs = [
+        fake_run("c2a", 0, [0.5, 0.86, 0.90], 0.60, 200, step=0.12),
+        fake_run("c2a", 1, [0.5, 0.80, 0.90], 0.62, 200, step=0.12),
+        fake_run("lora", 0, [0.4, 0.6, 0.80], 0.50, 300),
+        fake_run("lora", 1, [0.4, 0.7, 0.82], 0.50, 300),
+        fake_run("bottleneck", 0, [0.4, 0.6, 0.70], 0.40, 600, step=0.1),
+        fake_run("centralized", 0, [0.99, 0.99, 0.99], 0.99, 0),  # an upper bound: not in the 95 % threshold
+        # selection runs of local on a two-value grid: the final run at the losing lr must be ignored
+        fake_run("local", 0, [0.3], 0.1, 0, lr=1e-3, phase="select", grid=(1e-3, 3e-3), criterion=0.6),
+        fake_run("local", 0, [0.3], 0.1, 0, lr=3e-3, phase="select", grid=(1e-3, 3e-3), criterion=0.7),
+        fake_run("local", 0, [0.5, 0.6, 0.7], 0.3, 0, lr=3e-3, grid=(1e-3, 3e-3)),
+        fake_run("local", 0, [0.5, 0.6, 0.95], 0.3, 0, lr=1e-3, grid=(1e-3, 3e-3)),  # stale lr
+    ]
+    summary = bench.aggregate(runs)
+    rows = summary["scenarios"][0]["methods"]
+    assert list(rows) == ["c2a", "bottleneck", "lora", "local", "centralized"]  # benchmark order
+    assert rows["local"]["chosen_lr"] == 3e-3 and rows["local"]["stale_final_lrs"] == [1e-3]
+    assert rows["local"]["personalized_mean_accuracy"]["mean"] == pytest.approx(0.7)
+    c2a = rows["c2a"]
+    assert c2a["personalized_mean_accuracy"]["mean"] == pytest.approx(0.9)
+    assert c2a["personalized_worst_accuracy"]["std"] == pytest.approx(np.std([0.6, 0.62], ddof=1))
+    # threshold: 95 % of the best non-upper-bound final personalised mean (C2A's 0.90), not centralized's 0.99
+    assert c2a["rounds_threshold"] == pytest.approx(0.855)
+    assert c2a["rounds_to_95"] == 3  # seed-mean curve 0.83 at round 2, 0.90 at round 3
+    assert c2a["rounds_to_95_per_seed"] == [2, 3]
+    assert rows["bottleneck"]["rounds_to_95"] is None
+    assert c2a["step_time_vs_bottleneck"] == pytest.approx(1.2)
+
+    summary.update({"command": "x", "environment": {"date_utc": "now"}, "hardware": [], "settings": {}})
+    targets = bench.check_targets(summary)
+    assert targets[0].startswith("PASS") and "personalised mean" in targets[0]
+    assert targets[1].startswith("PASS") and "worst-client" in targets[1]  # 0.61 >= 0.50 + 0.02
+    assert targets[2].startswith("PASS") and "rounds" in targets[2]  # 3 vs not reached
+    assert targets[3].startswith("PASS") and "bytes" in targets[3]
+    assert "MISSING fedprox_lora, head" in targets[0]  # a missing baseline is named, never silently dropped
+    assert targets[-1] == "MISSING: language_skew: no results"
+    summary["targets"] = targets
+    text = bench.markdown(summary)
+    assert "| c2a | 0.001 | 0,1 |" in text and "stale lr" in text
+
+
+def test_targets_fail_when_a_baseline_wins(bench):
+    runs = [
+        fake_run("c2a", 0, [0.5, 0.7], 0.30, 400),
+        fake_run("lora", 0, [0.6, 0.8], 0.29, 300),
+    ]
+    summary = bench.aggregate(runs)
+    targets = bench.check_targets(summary)
+    assert [line.split(":")[0] for line in targets[:4]] == ["FAIL", "FAIL", "FAIL", "FAIL"]
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_quick_preset_end_to_end_and_resume(bench, tmp_path, monkeypatch, restore_threads):
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--output_dir", str(out), "--no_report"]) == 0
+
+    files = {}
+    for method in ALL_METHODS:
+        path = out / "runs" / "label_skew" / "alpha-0.1" / method / "final" / "lr-0.003" / "seed-0.json"
+        assert path.is_file(), method
+        files[method] = path
+        run = json.loads(path.read_text())
+        assert run["status"] == "ok" and run["complete"] is True
+        assert [record["round"] for record in run["history"]] == [1, 2]  # evaluated every round
+        accuracy = run["derived"]["final"]["personalized_mean_accuracy"]
+        assert math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0
+        assert run["config"]["settings"]["num_rounds"] == 2 and run["environment"]["cpu_count"]
+        assert run["derived"]["memory"]["peak_rss_mb"] > 0 and run["derived"]["wall_time_s"] > 0
+    derived = {m: json.loads(p.read_text())["derived"] for m, p in files.items()}
+    assert derived["local"]["bytes_up_per_client_per_round"] == 0
+    assert derived["centralized"]["bytes_up_per_client_per_round"] == 0
+    assert 0 < derived["c2a"]["bytes_up_per_client_per_round"] < derived["lora"]["bytes_up_per_client_per_round"]
+    assert derived["head"]["trainable_params_no_head"] == 0
+    local = json.loads(files["local"].read_text())
+    assert local["config"]["method_definition"]["peft_method"] == "bottleneck"
+    centralized = json.loads(files["centralized"].read_text())
+    assert centralized["config"]["local_max_steps"] == 4 * 2  # clients_per_round x local_steps
+
+    # the report over the directory: one row per method, each with its chosen lr
+    assert bench.main(["--report", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["scenarios"][0]["methods"]
+    assert list(rows) == ALL_METHODS
+    assert all(row["chosen_lr"] == pytest.approx(3e-3) for row in rows.values())
+    with (out / "summary.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["method"] for row in table] == ALL_METHODS
+    assert all(float(row["chosen_lr"]) == pytest.approx(3e-3) for row in table)
+    assert any(line.startswith(("PASS", "FAIL")) and "bytes" in line for line in summary["targets"])
+    assert "## label_skew, alpha = 0.1" in (out / "summary.md").read_text()
+    for name in ("accuracy", "worst_client", "clients"):
+        assert (out / "plots" / f"label_skew_alpha-0.1_{name}.png").stat().st_size > 0
+
+    # a rerun skips every complete run: nothing is trained and no run file changes
+    before = {m: (p.read_bytes(), p.stat().st_mtime_ns) for m, p in files.items()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a complete run was trained again")
+
+    monkeypatch.setattr(bench, "run_in_subprocess", no_training)
+    assert bench.main(["--quick", "--output_dir", str(out)]) == 0
+    assert {m: (p.read_bytes(), p.stat().st_mtime_ns) for m, p in files.items()} == before
+    # other protocol settings in the same directory are refused rather than mixed in
+    with pytest.raises(SystemExit, match="other protocol settings"):
+        bench.main(["--quick", "--output_dir", str(out), "--num_rounds", "3"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["select", "final"])
+def test_language_skew_path_with_stand_in_data(bench, tmp_path, monkeypatch, restore_threads, phase):
+    """The language-skew code path, with BBC News posing as a two-language corpus and MiniLM as the encoder (the real
+    loaders live in benchmarks/support/)."""
+    from datasets import DatasetDict
+
+    from peft_c2a.assets import load_bbc_news, minilm_path
+
+    seen = {}
+
+    def load_bible_genres(languages, translations, test_fraction, seed, max_train_verses_per_language, **kwargs):
+        seen.update(languages=languages, max_test=kwargs["max_test_verses_per_language"])
+        data = load_bbc_news(seed=seed)
+        parts = {}
+        for split, size in (("train", 160), ("test", 40)):
+            part = data[split].select(range(size))
+            part = part.add_column("language", [languages[i % len(languages)] for i in range(size)])
+            parts[split] = part.add_column("verse_id", list(range(size)))
+        return DatasetDict(parts)
+
+    monkeypatch.setattr(bench, "language_support", lambda: (load_bible_genres, lambda output_dir=None: minilm_path()))
+    args = bench.parse_args(
+        ["--quick", "--languages", "xx", "yy", "--clients_per_language", "3", "--num_rounds", "1"]
+        + ["--clients_per_round", "2", "--local_steps", "1", "--max_seq_length", "16", "--output_dir", str(tmp_path)]
+    )
+    settings = bench.protocol_settings(args, "language_skew")
+    assert settings["num_clients"] == 6
+    spec = bench.RunSpec("language_skew", 0.5, "c2a", phase, 3e-3, 0, settings=settings, threads=2)
+    run = bench.run_single(spec, tmp_path)
+    assert seen == {"languages": ["xx", "yy"], "max_test": settings["bible_test_per_language"]}
+    assert (tmp_path / spec.relative_path()).is_file()
+    assert run["status"] == "ok"
+    clients = run["config"]["clients"]
+    assert sorted(clients) == ["xx-0", "xx-1", "xx-2", "yy-0", "yy-1", "yy-2"]
+    assert all(info["group"] == name.split("-")[0] for name, info in clients.items())
+    unseen = run["config"]["unseen_clients"]
+    assert len(unseen) == 1  # round(0.2 x 6)
+    accuracy = run["derived"]["final"]["personalized_mean_accuracy"]
+    assert 0.0 <= accuracy <= 1.0
+    if phase == "select":
+        assert run["derived"]["criterion"]["value"] == accuracy
+        assert run["derived"]["final"]["global_accuracy"] is None  # no test set touched while selecting
+    else:
+        assert 0.0 <= run["derived"]["final"]["global_accuracy"] <= 1.0
