@@ -133,6 +133,21 @@ def round_record(round_index: int, sampled: Sequence[str], reports: Sequence[Map
     }
 
 
+def run_identity(
+    args: FederatedTrainingArguments, training_clients: Sequence[str], unseen_clients: Sequence[str]
+) -> dict[str, Any]:
+    """What must be the same for a checkpoint to continue a run: it decides which clients train when, and how."""
+    return {
+        "federation_mode": args.federation_mode,
+        "aggregation": args.aggregation,
+        "training_clients": list(training_clients),
+        "unseen_clients": list(unseen_clients),
+        "seed": args.seed,
+        "client_sampling_seed": args.effective_client_sampling_seed,
+        "clients_per_round": args.num_sampled_clients(len(training_clients)),
+    }
+
+
 def is_evaluation_round(round_index: int, args: FederatedTrainingArguments) -> bool:
     """Whether round `round_index` ends with an evaluation (every `eval_every_rounds`, and always the last)."""
     every = args.eval_every_rounds

@@ -65,6 +65,7 @@ from .rounds import (
     load_trainable_state,
     require_enough_updates,
     round_record,
+    run_identity,
     sample_round_clients,
     trainable_parameters,
     trainable_state,
@@ -629,17 +630,7 @@ class FederatedTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _checkpoint_identity(self) -> dict[str, Any]:
-        """What must be the same for a checkpoint to continue this run (it decides which clients train when)."""
-        args = self.args
-        return {
-            "federation_mode": args.federation_mode,
-            "aggregation": args.aggregation,
-            "training_clients": self.training_clients,
-            "unseen_clients": self.unseen_clients,
-            "seed": args.seed,
-            "client_sampling_seed": args.effective_client_sampling_seed,
-            "clients_per_round": args.num_sampled_clients(len(self.training_clients)),
-        }
+        return run_identity(self.args, self.training_clients, self.unseen_clients)
 
     def _load_federation_checkpoint(self, path: Path) -> int:
         """Restore everything from checkpoint `path`; return its round. Raises `CheckpointError` on any mismatch."""

@@ -43,6 +43,7 @@ from ..federated.rounds import (
     load_trainable_state,
     require_enough_updates,
     round_record,
+    run_identity,
     sample_round_clients,
     screen_update,
     trainable_state,
@@ -394,18 +395,8 @@ class FederatedStrategy(Strategy):
     # ---- helpers -------------------------------------------------------------------------------------------------
 
     def _identity(self) -> dict[str, Any]:
-        """What must be the same for a checkpoint to continue this run (it decides which clients train when)."""
-        args = self.args
-        return {
-            "engine": "flower",
-            "federation_mode": args.federation_mode,
-            "aggregation": args.aggregation,
-            "training_clients": self.training_clients,
-            "unseen_clients": self.unseen_clients,
-            "seed": args.seed,
-            "client_sampling_seed": args.effective_client_sampling_seed,
-            "clients_per_round": args.num_sampled_clients(len(self.training_clients)),
-        }
+        # the engine too: a FederatedTrainer checkpoint also holds RNG and local states this strategy would ignore
+        return {"engine": "flower", **run_identity(self.args, self.training_clients, self.unseen_clients)}
 
     def _discover_clients(self, grid: Grid) -> None:
         """Ask every node which clients it holds; map client names to nodes. Raises `ValueError` on conflicts."""
