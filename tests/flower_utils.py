@@ -7,6 +7,7 @@ module with cloudpickle to be pickled by value.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -126,4 +127,28 @@ def hostile_client_app(output_dir: str, **settings: Any) -> ClientApp:
         )
         return Message(content, reply_to=message)
 
+    return app
+
+
+def recording_client_app(output_dir: str, log_path: str, method: str = "c2a", **settings: Any) -> ClientApp:
+    """The package's ClientApp, logging what each reply carries (record kinds, keys, tensor names) to `log_path`."""
+    honest = client_app(output_dir, method=method, **settings)
+    app = ClientApp()
+
+    def recorded(message: Message, context: Context) -> Message:
+        reply = honest(message, context)
+        content = reply.content
+        entry = {
+            "type": message.metadata.message_type,
+            "arrays": {key: list(record) for key, record in content.array_records.items()},
+            "configs": {key: sorted(record) for key, record in content.config_records.items()},
+            "metrics": {key: sorted(record) for key, record in content.metric_records.items()},
+        }
+        with open(log_path, "a") as log:
+            log.write(json.dumps(entry) + "\n")
+        return reply
+
+    app.query()(recorded)
+    app.train()(recorded)
+    app.evaluate()(recorded)
     return app

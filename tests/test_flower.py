@@ -51,6 +51,21 @@ def run_flower(output_dir, resume=None, **settings) -> dict:
     return sink
 
 
+def reference_trainer(output_dir, method="c2a", overrides=(), **settings) -> FederatedTrainer:
+    """FederatedTrainer over the same three clients, settings and seed as the Flower runs."""
+    torch.set_num_threads(1)
+    train, test = skewed_clients(NUM_NODES)
+    trainer = FederatedTrainer(
+        tiny_model(method, seed=0, **dict(overrides)),
+        fed_args(output_dir, **federation_settings(**settings)),
+        train,
+        test,
+        data_collator=default_data_collator,
+    )
+    trainer.train()
+    return trainer
+
+
 def assert_states_close(actual, expected, atol=1e-6):
     assert set(actual) == set(expected)
     for key in expected:
@@ -65,17 +80,7 @@ def flower_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory):
-    torch.set_num_threads(1)
-    train, test = skewed_clients(NUM_NODES)
-    trainer = FederatedTrainer(
-        tiny_model("c2a", seed=0, **dict(C2A_WITH_IDS)),
-        fed_args(tmp_path_factory.mktemp("trainer"), **federation_settings()),
-        train,
-        test,
-        data_collator=default_data_collator,
-    )
-    trainer.train()
-    return trainer
+    return reference_trainer(tmp_path_factory.mktemp("trainer"), overrides=C2A_WITH_IDS)
 
 
 def test_simulation_equals_federated_trainer(flower_run, trainer_run):
@@ -96,6 +101,46 @@ def test_simulation_equals_federated_trainer(flower_run, trainer_run):
     # Flower's own result carries the same final state
     final = {key: torch.as_tensor(value.numpy()) for key, value in sink["result"].arrays.items()}
     assert_states_close(final, trainer_run.global_state, atol=0)
+
+
+def test_lora_on_flower_equals_trainer_and_only_updates_and_counts_leave_clients(tmp_path):
+    # any PEFT model federates on Flower, and the wire carries exactly what docs/flower.md lists
+    settings = dict(num_rounds=2)
+    log_path = tmp_path / "wire.jsonl"
+    sink: dict = {}
+    simulate(
+        flower_utils.recording_client_app(str(tmp_path / "flower"), str(log_path), method="lora", **settings),
+        flower_utils.server_app(str(tmp_path / "flower"), sink, method="lora", **settings),
+    )
+    reference = reference_trainer(tmp_path / "trainer", method="lora", **settings)
+    assert_states_close(sink["strategy"].global_state, reference.global_state)
+
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    by_type: dict = {}
+    for entry in entries:
+        by_type.setdefault(entry["type"], []).append(entry)
+    assert len(by_type["query"]) == NUM_NODES
+    assert len(by_type["train"]) == 2 * 2  # 2 sampled clients x 2 rounds
+    assert len(by_type["evaluate"]) == 2 * NUM_NODES  # every node, every round (eval_every_rounds=1)
+    for entry in by_type["query"]:
+        assert entry == {
+            "type": "query",
+            "arrays": {},
+            "configs": {"clients": ["evaluable", "names", "num-examples", "seed"]},
+            "metrics": {},
+        }
+    trainable = sorted(reference.global_state)
+    for entry in by_type["train"]:
+        assert sorted(entry["arrays"]["arrays"]) == trainable  # the update: trainable tensors only
+        assert entry["configs"] == {"config": ["client"]}
+        assert entry["metrics"] == {"metrics": ["local-steps", "num-examples", "train-loss"]}
+    for entry in by_type["evaluate"]:
+        assert entry["arrays"] == {} and entry["configs"] == {}
+        (name,) = {key.split("/", 1)[1] for key in entry["metrics"]}
+        assert entry["metrics"] == {
+            f"own/{name}": ["accuracy", "loss", "macro_f1", "num_examples"],
+            f"uniform/{name}": ["accuracy", "loss", "macro_f1", "num_examples"],
+        }
 
 
 def test_simulation_learns_and_writes_history_checkpoints_and_adapter(flower_run):
