@@ -60,9 +60,9 @@ class KillableTrainer(FederatedTrainer):
         self.steps_in_round = 0
         return super()._run_round(round_index, ignore_keys_for_eval)
 
-    def _train_client(self, name: str, round_index: int, start_state: Any) -> dict[str, Any]:
+    def _run_local_training(self, name: str, round_index: int, start_state: Any) -> dict[str, Any]:
         self.trained.append((round_index, name))
-        return super()._train_client(name, round_index, start_state)
+        return super()._run_local_training(name, round_index, start_state)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

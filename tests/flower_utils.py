@@ -42,7 +42,8 @@ def federation_settings(**overrides: Any) -> dict[str, Any]:
 
 @functools.cache
 def shared_model(method: str, model_seed: int, overrides: tuple = ()) -> torch.nn.Module:
-    """One model per process (and method): every message loads the global state into it anyway."""
+    """One model per process and method (every message loads the global state into it anyway). Pickled by value into
+    Ray's workers, the cache lasts one message there: it saves rebuilding within a test process."""
     torch.set_num_threads(1)
     return tiny_model(method, seed=model_seed, **dict(overrides))
 
@@ -74,7 +75,13 @@ def client_app(output_dir: str, method: str = "c2a", overrides: tuple = (), **se
 
 
 def server_app(
-    output_dir: str, sink: dict, method: str = "c2a", overrides: tuple = (), resume: Any = None, **settings: Any
+    output_dir: str,
+    sink: dict,
+    method: str = "c2a",
+    overrides: tuple = (),
+    resume: Any = None,
+    unseen: tuple = (),
+    **settings: Any,
 ) -> ServerApp:
     """A ServerApp that runs `FederatedStrategy` and leaves the strategy and Flower's result in `sink`."""
     app = ServerApp()
@@ -85,6 +92,7 @@ def server_app(
         strategy = FederatedStrategy(
             tiny_model(method, seed=0, **dict(overrides)),
             fed_args(output_dir, **federation_settings(**settings)),
+            unseen_clients=unseen,
             min_available_nodes=NUM_NODES,
             node_wait_timeout=120,
         )
@@ -95,7 +103,8 @@ def server_app(
 
 
 def hostile_client_app(output_dir: str, **settings: Any) -> ClientApp:
-    """Nodes 0 and 1 run the package's ClientApp; node 2 sends a NaN update in round 1 and a misshapen one later."""
+    """Nodes 0 and 1 run the package's ClientApp; node 2 sends a NaN update in round 1, a misshapen one in round 2,
+    and in round 3 a proper update with an inflated example count (to take over the weighted average)."""
     honest = client_app(output_dir, **settings)
     app = ClientApp()
 
@@ -113,15 +122,19 @@ def hostile_client_app(output_dir: str, **settings: Any) -> ClientApp:
         if int(context.node_config["partition-id"]) != 2:
             return reply
         update = {key: value.clone() for key, value in reply.content["arrays"].to_torch_state_dict().items()}
+        metrics = dict(reply.content["metrics"])
         first = next(iter(update))
-        if int(message.content["config"]["server-round"]) == 1:
+        server_round = int(message.content["config"]["server-round"])
+        if server_round == 1:
             update[first] = update[first] * float("nan")
-        else:
+        elif server_round == 2:
             update[first] = torch.zeros(update[first].numel() + 1)
+        else:
+            metrics["num-examples"] = 10_000
         content = RecordDict(
             {
                 "arrays": ArrayRecord(update),
-                "metrics": MetricRecord(dict(reply.content["metrics"])),
+                "metrics": MetricRecord(metrics),
                 "config": ConfigRecord(dict(reply.content["config"])),
             }
         )

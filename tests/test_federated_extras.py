@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import default_data_collator
 
 from peft_c2a.federated import CheckpointError, FederatedTrainer
 from peft_c2a.federated.checkpoint import remove_stale_temporaries
@@ -99,3 +100,29 @@ def test_half_written_checkpoints_are_removed_and_wall_time_continues(tmp_path):
     assert rounds == [1, 2]
     assert trainer.history[1]["wall_time"] >= trainer.history[0]["wall_time"]
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_evaluate_client_with_own_and_uniform_descriptor(tmp_path):
+    # the uniform pass is exactly the global evaluation restricted to this client's test set; the own-descriptor
+    # pass is the personalised score, and for C2A the two differ
+    clients, tests = skewed_clients()
+    trainer = FederatedTrainer(
+        tiny_model("c2a"),
+        fed_args(tmp_path, num_rounds=1, local_max_steps=3, learning_rate=2e-2),
+        clients,
+        tests,
+        eval_dataset=tests["client-1"],
+        data_collator=default_data_collator,
+    )
+    trainer.train()
+    report = trainer.evaluate_federation()
+    uniform = trainer.evaluate_client("client-1", own_descriptor=False)
+    own = trainer.evaluate_client("client-1")
+    assert uniform["loss"] == pytest.approx(report["eval_global_loss"], abs=1e-7)
+    assert uniform["accuracy"] == report["eval_global_accuracy"]
+    assert own == pytest.approx(report["eval_clients"]["client-1"])
+    assert own["loss"] != pytest.approx(uniform["loss"])
+    with pytest.raises(ValueError, match="no evaluation dataset"):
+        FederatedTrainer(
+            tiny_model("c2a"), fed_args(tmp_path / "b"), clients, data_collator=default_data_collator
+        ).evaluate_client("client-0")

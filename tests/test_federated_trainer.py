@@ -712,7 +712,7 @@ def test_bad_input_fails_before_training(tmp_path, case):
     setup, error, pattern = _bad_setup(case)
     clients, eval_clients = setup.pop("clients"), setup.pop("eval_clients", None)
     with pytest.raises(error, match=pattern):
-        build(tmp_path, clients, eval_clients, **setup)
+        build(tmp_path, clients, eval_clients, **setup).train()
 
 
 def test_wrong_argument_types_and_passed_optimizer_with_reset(tmp_path):

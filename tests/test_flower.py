@@ -51,7 +51,7 @@ def run_flower(output_dir, resume=None, **settings) -> dict:
     return sink
 
 
-def reference_trainer(output_dir, method="c2a", overrides=(), **settings) -> FederatedTrainer:
+def reference_trainer(output_dir, method="c2a", overrides=(), unseen=(), **settings) -> FederatedTrainer:
     """FederatedTrainer over the same three clients, settings and seed as the Flower runs."""
     torch.set_num_threads(1)
     train, test = skewed_clients(NUM_NODES)
@@ -60,6 +60,7 @@ def reference_trainer(output_dir, method="c2a", overrides=(), **settings) -> Fed
         fed_args(output_dir, **federation_settings(**settings)),
         train,
         test,
+        unseen_clients=list(unseen),
         data_collator=default_data_collator,
     )
     trainer.train()
@@ -105,15 +106,26 @@ def test_simulation_equals_federated_trainer(flower_run, trainer_run):
 
 def test_lora_on_flower_equals_trainer_and_only_updates_and_counts_leave_clients(tmp_path):
     # any PEFT model federates on Flower, and the wire carries exactly what docs/flower.md lists
-    settings = dict(num_rounds=2)
+    # client-2 is unseen (evaluated, never trained), and every round needs both training clients: the nodes build
+    # their trainers from the same arguments, min_clients_per_round=2 included
+    settings = dict(num_rounds=2, min_clients_per_round=2)
     log_path = tmp_path / "wire.jsonl"
     sink: dict = {}
     simulate(
         flower_utils.recording_client_app(str(tmp_path / "flower"), str(log_path), method="lora", **settings),
-        flower_utils.server_app(str(tmp_path / "flower"), sink, method="lora", **settings),
+        flower_utils.server_app(str(tmp_path / "flower"), sink, method="lora", unseen=("client-2",), **settings),
     )
-    reference = reference_trainer(tmp_path / "trainer", method="lora", **settings)
-    assert_states_close(sink["strategy"].global_state, reference.global_state)
+    reference = reference_trainer(tmp_path / "trainer", method="lora", unseen=("client-2",), **settings)
+    strategy = sink["strategy"]
+    assert_states_close(strategy.global_state, reference.global_state)
+    assert strategy.training_clients == ["client-0", "client-1"]
+    for flower_record, trainer_record in zip(strategy.history, reference.history, strict=True):
+        assert flower_record["sampled_clients"] == ["client-0", "client-1"]
+        assert list(flower_record["eval_unseen_clients"]) == ["client-2"]
+        assert flower_record["eval_unseen_mean_accuracy"] == pytest.approx(
+            trainer_record["eval_unseen_mean_accuracy"], abs=1e-6
+        )
+        assert "eval_failed_clients" not in flower_record
 
     entries = [json.loads(line) for line in log_path.read_text().splitlines()]
     by_type: dict = {}
@@ -132,15 +144,14 @@ def test_lora_on_flower_equals_trainer_and_only_updates_and_counts_leave_clients
     trainable = sorted(reference.global_state)
     for entry in by_type["train"]:
         assert sorted(entry["arrays"]["arrays"]) == trainable  # the update: trainable tensors only
-        assert entry["configs"] == {"config": ["client"]}
+        assert entry["configs"] == {"config": ["client", "error", "status"]}
         assert entry["metrics"] == {"metrics": ["local-steps", "num-examples", "train-loss"]}
     for entry in by_type["evaluate"]:
         assert entry["arrays"] == {} and entry["configs"] == {}
-        (name,) = {key.split("/", 1)[1] for key in entry["metrics"]}
-        assert entry["metrics"] == {
-            f"own/{name}": ["accuracy", "loss", "macro_f1", "num_examples"],
-            f"uniform/{name}": ["accuracy", "loss", "macro_f1", "num_examples"],
-        }
+        # LoRA has no descriptor: one scoring pass per client (a uniform-descriptor pass would be identical)
+        (key,) = entry["metrics"]
+        assert key.startswith("own/client-")
+        assert entry["metrics"][key] == ["accuracy", "loss", "macro_f1", "num_examples"]
 
 
 def test_simulation_learns_and_writes_history_checkpoints_and_adapter(flower_run):
@@ -158,33 +169,40 @@ def test_simulation_learns_and_writes_history_checkpoints_and_adapter(flower_run
     assert (output_dir / "round-3" / "checkpoint_manifest.json").is_file()
 
 
-def test_resume_continues_exactly(flower_run, tmp_path):
-    _, uninterrupted = flower_run
-    first = run_flower(tmp_path, num_rounds=2)  # the same federation, stopped after round 2
+def test_resume_continues_exactly(tmp_path):
+    # FedAdam (server optimizer moments must be restored) and evaluation every 2 rounds (round 2 is not evaluated
+    # when the federation has 3 rounds, but is when it stops after 2: the checkpoint must not care)
+    settings = dict(aggregation="fedadam", server_learning_rate=0.05, eval_every_rounds=2)
+    first = run_flower(tmp_path, num_rounds=2, **settings)  # the same federation, stopped after round 2
     assert [record["round"] for record in first["strategy"].history] == [1, 2]
-    resumed = run_flower(tmp_path, resume=True)
+    resumed = run_flower(tmp_path, resume=True, **settings)
     strategy = resumed["strategy"]
     assert [record["round"] for record in strategy.history] == [1, 2, 3]
-    assert_states_close(strategy.global_state, uninterrupted["strategy"].global_state, atol=0)
+    # rounds 1-2 were restored from the checkpoint, not redone (their timings are the first run's)
+    assert strategy.history[:2] == first["strategy"].history
+    reference = reference_trainer(tmp_path / "trainer", overrides=C2A_WITH_IDS, **settings)
+    assert_states_close(strategy.global_state, reference.global_state)
+    assert reference.server_optimizer.state_dict().keys() == strategy.server_optimizer.state_dict().keys()
 
 
 def test_hostile_updates_are_rejected_and_never_averaged(tmp_path):
-    # node 2 sends NaN (round 1) and a misshapen tensor (rounds 2-3); the global state must stay the FedAvg of the
-    # honest clients, i.e. what FederatedTrainer computes over clients 0 and 1 alone
-    settings = dict(clients_per_round=3, num_rounds=2)
+    # node 2 sends NaN (round 1), a misshapen tensor (round 2) and an inflated example count (round 3); the global
+    # state must stay the FedAvg of the honest clients, i.e. what FederatedTrainer computes over clients 0 and 1 alone
+    settings = dict(clients_per_round=3, num_rounds=3)
     sink: dict = {}
     simulate(
         flower_utils.hostile_client_app(str(tmp_path / "flower"), **settings),
         flower_utils.server_app(str(tmp_path / "flower"), sink, **settings),
     )
     strategy = sink["strategy"]
-    first, second = strategy.history
+    first, second, third = strategy.history
     assert list(first["rejected_clients"]) == ["client-2"] and "non-finite" in first["rejected_clients"]["client-2"]
     assert (
         list(second["rejected_clients"]) == ["client-2"]
         and "global state has" in second["rejected_clients"]["client-2"]
     )
-    assert first["num_clients_ok"] == 2
+    assert list(third["rejected_clients"]) == ["client-2"] and "example count" in third["rejected_clients"]["client-2"]
+    assert [record["num_clients_ok"] for record in strategy.history] == [2, 2, 2]
     train, test = skewed_clients(NUM_NODES)
     honest = {name: train[name] for name in ("client-0", "client-1")}
     reference = FederatedTrainer(
@@ -215,3 +233,29 @@ def test_strategy_checks_its_input(tmp_path):
     (tmp_path / "round-1" / "trainable_state.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError):
         strategy.load_checkpoint(tmp_path / "round-1")
+
+
+def describe(names, counts=None, seed=0):
+    return {"names": names, "num-examples": counts or [24] * len(names), "evaluable": [True] * len(names), "seed": seed}
+
+
+def test_client_registration_refuses_inconsistent_federations(tmp_path):
+    args = fed_args(tmp_path, **federation_settings())
+    strategy = FederatedStrategy(tiny_model("c2a", num_clients=2), args, unseen_clients=["client-9"])
+    with pytest.raises(ValueError, match="held by two nodes"):
+        strategy.register_clients({1: describe(["client-0"]), 2: describe(["client-0", "client-9"])})
+    with pytest.raises(ValueError, match="seed 1"):
+        strategy.register_clients({1: describe(["client-0", "client-9"]), 2: describe(["client-1"], seed=1)})
+    with pytest.raises(ValueError, match="no node holds: \\['client-9'\\]"):
+        strategy.register_clients({1: describe(["client-0"]), 2: describe(["client-1"])})
+    with pytest.raises(ValueError, match="embeds 2 client ids"):  # client ids would fall outside the embedding
+        strategy.register_clients({1: describe(["client-0", "client-9"]), 2: describe(["client-1"])})
+    with pytest.raises(ValueError, match="min_clients_per_round=3"):
+        FederatedStrategy(tiny_model("c2a"), fed_args(tmp_path, min_clients_per_round=3)).register_clients(
+            {1: describe(["client-0", "client-1"])}
+        )
+    fine = FederatedStrategy(tiny_model("c2a", num_clients=3), args, unseen_clients=["client-9"])
+    fine.register_clients({7: describe(["client-9", "client-0"]), 3: describe(["client-1"])})
+    assert fine.training_clients == ["client-0", "client-1"]
+    assert fine.client_nodes == {"client-0": 7, "client-9": 7, "client-1": 3}
+    assert fine.client_ids == {"client-0": 0, "client-1": 1, "client-9": 2}  # FederatedTrainer's numbering

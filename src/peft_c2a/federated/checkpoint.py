@@ -27,6 +27,14 @@ MANIFEST = "checkpoint_manifest.json"
 CHECKPOINT_PATTERN = re.compile(r"^round-(\d+)$")
 _TEMPORARY_PATTERN = re.compile(r"^\.round-\d+\.(tmp|stale)-\d+$")
 FORMAT_VERSION = 1
+# the files of a federated checkpoint (FederatedTrainer writes all that apply; the Flower strategy the first four)
+TRAINABLE_STATE_FILE = "trainable_state.safetensors"
+SERVER_STATE_FILE = "server_optimizer.safetensors"
+FEDERATION_STATE_FILE = "federation_state.json"
+HISTORY_FILE = "history.json"
+CLIENT_STATES_FILE = "client_states.safetensors"
+OPTIMIZER_FILE = "local_optimizer.safetensors"
+RNG_FILE = "rng_state.safetensors"
 
 
 class CheckpointError(ValueError):

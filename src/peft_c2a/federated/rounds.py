@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .aggregation import non_finite_tensors
 from .arguments import FederatedTrainingArguments
 
 TensorDict = dict[str, torch.Tensor]
@@ -81,7 +82,7 @@ def screen_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, to
                 f"{name} is {tuple(tensor.shape)} {tensor.dtype}, the global state has "
                 f"{tuple(expected.shape)} {expected.dtype}"
             )
-    bad = [name for name, tensor in update.items() if not bool(torch.isfinite(tensor).all())]
+    bad = non_finite_tensors(update)
     if bad:
         return f"non-finite update in {bad[:3]}"
     return None

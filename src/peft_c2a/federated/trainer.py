@@ -42,6 +42,13 @@ from transformers.trainer_utils import EvalPrediction, TrainOutput, set_seed
 from .aggregation import UpdateAccumulator, make_server_optimizer, non_finite_tensors, state_nbytes
 from .arguments import FederatedTrainingArguments
 from .checkpoint import (
+    CLIENT_STATES_FILE,
+    FEDERATION_STATE_FILE,
+    HISTORY_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SERVER_STATE_FILE,
+    TRAINABLE_STATE_FILE,
     CheckpointError,
     latest_checkpoint,
     optimizer_from_tensors,
@@ -74,13 +81,6 @@ from .rounds import (
 logger = logging.getLogger(__name__)
 
 POOLED_CLIENT = "__pooled__"
-TRAINABLE_STATE_FILE = "trainable_state.safetensors"
-SERVER_STATE_FILE = "server_optimizer.safetensors"
-CLIENT_STATES_FILE = "client_states.safetensors"
-OPTIMIZER_FILE = "local_optimizer.safetensors"
-RNG_FILE = "rng_state.safetensors"
-FEDERATION_STATE_FILE = "federation_state.json"
-HISTORY_FILE = "history.json"
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -159,12 +159,6 @@ class FederatedTrainer(Trainer):
         self.training_clients = [name for name in sorted(self.clients) if name not in self.unseen_clients]
         if not self.training_clients:
             raise ValueError("Every client is listed in `unseen_clients`: none is left to train.")
-        per_round = args.num_sampled_clients(len(self.training_clients))
-        if args.federation_mode != "centralized" and args.min_clients_per_round > per_round:
-            raise ValueError(
-                f"`min_clients_per_round={args.min_clients_per_round}` exceeds the {per_round} clients sampled per "
-                "round: every round would fail."
-            )
         if not args.reset_optimizer_each_round and args.world_size > 1:
             raise ValueError("`reset_optimizer_each_round=False` is supported in a single process only.")
         if args.federation_mode == "centralized":
@@ -213,6 +207,13 @@ class FederatedTrainer(Trainer):
         if kwargs:
             raise TypeError(f"Unexpected arguments: {sorted(kwargs)}.")
         args = self.args
+        # checked here, not in __init__: a Flower node builds a trainer for its own client only and never runs rounds
+        per_round = args.num_sampled_clients(len(self.training_clients))
+        if args.federation_mode != "centralized" and args.min_clients_per_round > per_round:
+            raise ValueError(
+                f"`min_clients_per_round={args.min_clients_per_round}` exceeds the {per_round} clients sampled per "
+                "round: every round would fail."
+            )
         start_time = time.time()
         self.global_state = self.get_trainable_state()
         self.client_states = {}
@@ -273,7 +274,7 @@ class FederatedTrainer(Trainer):
             start_state = self.client_states.get(name, self.global_state) if local_mode else self.global_state
             report, update = self.train_client(name, round_index, start_state)
             reports.append(report)
-            if update is None:
+            if report["status"] != "ok":
                 continue
             if local_mode:
                 new_client_states[name] = self.get_trainable_state()  # exact, unlike start + update
@@ -347,16 +348,16 @@ class FederatedTrainer(Trainer):
         """Train client `name` for round `round_index` from `start_state`: one client's whole part of a round.
 
         Returns its report (`client`, `status` ok / failed / rejected, example count, mean local loss, local steps,
-        bytes down and up, `error`) and its update `local - start` (`None` when training raised or the update is
-        not finite: such a client is dropped from the round, not fatal to the federation). The model is left
-        holding the client's local state.
+        bytes down and up, `error`) and its update `local - start` (`None` when training raised). Only `ok` updates
+        may be averaged in: a failed client, or one whose update is not finite (`rejected`), is dropped from the
+        round, never fatal to the federation. The model is left holding the client's local state.
         """
         # the local-only and centralised baselines communicate no model state
         communicates = self.args.federation_mode == "federated"
         report: dict[str, Any] = {"client": name, "bytes_down": state_nbytes(start_state) if communicates else 0}
         self.load_trainable_state(start_state)
         try:
-            report.update(self._train_client(name, round_index, start_state))
+            report.update(self._run_local_training(name, round_index, start_state))
         except Exception as error:  # any failure of one client drops that client, never the federation
             logger.warning("Round %d: client %r failed and is dropped: %r", round_index, name, error)
             self.model.zero_grad(set_to_none=True)
@@ -369,10 +370,10 @@ class FederatedTrainer(Trainer):
             logger.warning(
                 "Round %d: client %r sent a non-finite update (%s ...); rejected.", round_index, name, bad[0]
             )
-            return report | {"status": "rejected", "error": f"non-finite update in {bad[:3]}"}, None
+            return report | {"status": "rejected", "error": f"non-finite update in {bad[:3]}"}, update
         return report | {"status": "ok"}, update
 
-    def _train_client(self, name: str, round_index: int, start_state: TensorDict) -> dict[str, Any]:
+    def _run_local_training(self, name: str, round_index: int, start_state: TensorDict) -> dict[str, Any]:
         """Train the model (holding `start_state`) on client `name`'s data for one round; report what happened."""
         args = self.args
         seed = self.client_seed(round_index, name)

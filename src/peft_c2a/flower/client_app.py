@@ -6,15 +6,17 @@ local training of `FederatedTrainer.train_client`. Three message types are handl
 
 - `query`: the names, example counts and evaluability of the node's clients (once per run, so the server can map
   its seeded client sampling onto nodes);
-- `train`: load the global state, train the client named in the config, reply with the update and its metrics;
-- `evaluate`: load the global state, score every evaluable client of the node with its own descriptor and with the
-  uniform one.
+- `train`: load the global state, train the client named in the config, reply with the update, its status and
+  metrics (a client whose training raised replies with its status and error, and no update);
+- `evaluate`: load the global state, score every evaluable client of the node with its own descriptor and (C2A) with
+  the uniform one; a client whose evaluation raises is reported by name, the others still are.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
+import logging
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -24,6 +26,7 @@ from ..federated.trainer import FederatedTrainer
 from .records import (
     CLIENTS_KEY,
     CONFIG_KEY,
+    ERRORS_KEY,
     METRICS_KEY,
     OWN_PREFIX,
     STATE_KEY,
@@ -32,43 +35,41 @@ from .records import (
     state_to_record,
 )
 
+logger = logging.getLogger(__name__)
+
 TrainerFactory = Callable[[Context], FederatedTrainer]
 
 
-def make_client_app(trainer_fn: TrainerFactory, cache_size: int = 8) -> ClientApp:
+def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
     """A `ClientApp` that runs `FederatedTrainer` local training for the node's clients.
 
     Args:
         trainer_fn: builds the node's `FederatedTrainer` from the Flower `Context` (model, `FederatedTrainingArguments`
-            and the node's own client dataset(s)). Its `args.seed` must match the server's; it is checked on every
-            message. Share one model object per process between calls (e.g. `functools.cache` on the model builder):
-            every message loads the global state into it anyway.
-        cache_size: trainers kept per process, keyed by (run, node), so a simulation actor that serves the same node
-            again does not rebuild it. The deployment engine starts a fresh process per run, where this does not
-            matter.
+            and the node's own client dataset(s)). It is called for every message: Flower's simulation engine ships
+            the app to its workers anew with each message and the deployment engine starts a process per message, so
+            keep it cheap by caching the model and the data at module level (as `examples/flower/c2a_bbc/task.py`
+            does); every message loads the global state into the model anyway. The trainer's `seed`, `aggregation`
+            and `proximal_mu` must match the server's (checked on every message); its other local-training settings
+            (learning rate, local steps, batch size, ...) are the node's own.
 
     Returns:
         a `flwr.clientapp.ClientApp` with `query`, `train` and `evaluate` handlers.
     """
     app = ClientApp()
-    trainers: OrderedDict[tuple[int, int], FederatedTrainer] = OrderedDict()
 
     def trainer_for(context: Context) -> FederatedTrainer:
-        key = (context.run_id, context.node_id)
-        if key in trainers:
-            trainers.move_to_end(key)
-            return trainers[key]
         trainer = trainer_fn(context)
         if not isinstance(trainer, FederatedTrainer):
             raise TypeError(f"`trainer_fn` must return a FederatedTrainer, got {type(trainer).__name__}.")
-        if trainer.args.federation_mode != "federated":
+        args = trainer.args
+        if args.federation_mode != "federated":
             raise ValueError(
-                f"Flower runs federated rounds only; the client's trainer has federation_mode="
-                f"{trainer.args.federation_mode!r}."
+                f"Flower runs federated rounds only; the node's trainer has federation_mode={args.federation_mode!r}."
             )
-        trainers[key] = trainer
-        while len(trainers) > cache_size:
-            trainers.popitem(last=False)
+        if not args.reset_optimizer_each_round:
+            raise ValueError(
+                "reset_optimizer_each_round=False cannot hold on Flower: a node keeps no state between messages."
+            )
         return trainer
 
     @app.query()
@@ -89,13 +90,15 @@ def make_client_app(trainer_fn: TrainerFactory, cache_size: int = 8) -> ClientAp
     def train(message: Message, context: Context) -> Message:
         trainer = trainer_for(context)
         config = message.content[CONFIG_KEY]
-        name = _check_client(trainer, config)
-        _assign_client_id(trainer, name, config)
+        _check_settings(trainer, config)
+        name = str(config["client"])
+        _assign_client_id(trainer, name, config.get("client-id"))
         start_state = state_from_record(message.content[STATE_KEY])
         report, update = trainer.train_client(name, int(config["server-round"]), start_state)
-        if update is None:
-            # an error reply: the server drops this client from the round, as FederatedTrainer does
-            raise RuntimeError(f"Client {name!r} {report['status']}: {report['error']}")
+        status = ConfigRecord({"client": name, "status": report["status"], "error": str(report.get("error", ""))})
+        if update is None:  # training raised: the server drops this client from the round, as FederatedTrainer does
+            return Message(RecordDict({CONFIG_KEY: status}), reply_to=message)
+        # a non-finite update is sent all the same: the server screens every update and records the rejection
         metrics = MetricRecord(
             {
                 "num-examples": int(report["num_examples"]),
@@ -103,49 +106,58 @@ def make_client_app(trainer_fn: TrainerFactory, cache_size: int = 8) -> ClientAp
                 "local-steps": int(report["local_steps"]),
             }
         )
-        reply = RecordDict(
-            {STATE_KEY: state_to_record(update), METRICS_KEY: metrics, CONFIG_KEY: ConfigRecord({"client": name})}
-        )
-        return Message(reply, reply_to=message)
+        content = RecordDict({STATE_KEY: state_to_record(update), METRICS_KEY: metrics, CONFIG_KEY: status})
+        return Message(content, reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         trainer = trainer_for(context)
         config = message.content[CONFIG_KEY]
-        _check_seed(trainer, config)
+        _check_settings(trainer, config)
         trainer.load_trainable_state(state_from_record(message.content[STATE_KEY]))
-        reply = RecordDict()
-        for index, name in enumerate(config["clients"]):
-            if name not in trainer.clients:
-                raise ValueError(f"This node holds clients {sorted(trainer.clients)}, not {name!r}.")
-            _assign_client_id(trainer, name, {"client-id": config["client-ids"][index]})
-            if trainer.clients[name].eval_dataset is None:
-                continue
-            for prefix, own in ((OWN_PREFIX, True), (UNIFORM_PREFIX, False)):
-                scores = trainer.evaluate_client(name, own_descriptor=own)
-                reply[prefix + name] = MetricRecord({key: float(value) for key, value in scores.items()})
+        reply, errors = RecordDict(), {}
+        for name, client_id in zip(config["clients"], config["client-ids"], strict=True):
+            try:
+                _assign_client_id(trainer, name, client_id)
+                # the uniform-descriptor pass only differs from the own-descriptor one for C2A models
+                passes = (
+                    ((OWN_PREFIX, True), (UNIFORM_PREFIX, False)) if trainer.descriptor_spec else ((OWN_PREFIX, True),)
+                )
+                for prefix, own in passes:
+                    scores = trainer.evaluate_client(name, own_descriptor=own)
+                    reply[prefix + name] = MetricRecord({key: float(value) for key, value in scores.items()})
+            except Exception as error:  # one client's failure must not hide the other clients' scores
+                logger.warning("Evaluation of client %r failed: %r", name, error)
+                errors[name] = repr(error)
+        if errors:
+            reply[ERRORS_KEY] = ConfigRecord(errors)
         return Message(reply, reply_to=message)
 
     return app
 
 
-def _check_seed(trainer: FederatedTrainer, config: ConfigRecord) -> None:
-    # local training is seeded by (seed, round, client): a different seed would silently break reproducibility
-    if "seed" in config and int(config["seed"]) != trainer.args.seed:
-        raise ValueError(f"The server runs with seed {config['seed']}, this client with seed {trainer.args.seed}.")
+def _check_settings(trainer: FederatedTrainer, config: Mapping[str, Any]) -> None:
+    """Refuse a server whose seed or aggregation differs: local training would silently be another algorithm."""
+    args = trainer.args
+    expected = {"seed": args.seed, "aggregation": args.aggregation}
+    if args.aggregation == "fedprox":
+        expected["proximal-mu"] = args.proximal_mu
+    for key, mine in expected.items():
+        theirs = config.get(key)
+        if theirs is None:
+            continue
+        same = math.isclose(float(theirs), float(mine)) if isinstance(mine, float) else theirs == mine
+        if not same:
+            raise ValueError(f"The server runs with {key}={theirs!r}, this node with {key}={mine!r}.")
 
 
-def _check_client(trainer: FederatedTrainer, config: ConfigRecord) -> str:
-    _check_seed(trainer, config)
-    name = str(config["client"])
+def _assign_client_id(trainer: FederatedTrainer, name: str, client_id: Any) -> None:
+    """Use the server's client id: a node knows only its own clients, not where its name sorts among all of them."""
     if name not in trainer.clients:
         raise ValueError(f"This node holds clients {sorted(trainer.clients)}, not {name!r}.")
-    return name
-
-
-def _assign_client_id(trainer: FederatedTrainer, name: str, config: Any) -> None:
-    """Use the server's client id: a node knows only its own clients, not where its name sorts among all of them."""
     client = trainer.clients[name]
-    client_id = config.get("client-id", -1)
-    if client.client_id is not None and client_id is not None and int(client_id) >= 0:
-        client.client_id = int(client_id)
+    if client.client_id is None:  # the adapter has no client-id embedding
+        return
+    if client_id is None or int(client_id) < 0:
+        raise ValueError(f"The C2A adapter embeds client ids, but the server sent none for client {name!r}.")
+    client.client_id = int(client_id)

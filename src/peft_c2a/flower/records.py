@@ -1,9 +1,10 @@
 """How trainable states and round settings travel in Flower messages.
 
 Keys of a message's `RecordDict`: `STATE_KEY` holds an `ArrayRecord` (the global state going down, an update coming
-back), `CONFIG_KEY` a `ConfigRecord` of settings, `METRICS_KEY` a `MetricRecord`. Query replies describe a node's
-clients under `CLIENTS_KEY`; evaluation replies hold one `MetricRecord` per client and descriptor under
-`"{own|uniform}/{client}"`.
+back), `CONFIG_KEY` a `ConfigRecord` of settings (in train replies: the client, its status and error),
+`METRICS_KEY` a `MetricRecord`. Query replies describe a node's clients under `CLIENTS_KEY`; evaluation replies hold
+one `MetricRecord` per client and descriptor under `"{own|uniform}/{client}"`, and clients whose evaluation failed
+under `ERRORS_KEY`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ STATE_KEY = "arrays"  # the name Flower's own strategies use, so its tooling rec
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 CLIENTS_KEY = "clients"
+ERRORS_KEY = "errors"
 OWN_PREFIX = "own/"
 UNIFORM_PREFIX = "uniform/"
 

@@ -14,6 +14,7 @@ resume from it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,10 @@ from torch import nn
 from ..federated.aggregation import UpdateAccumulator, make_server_optimizer, state_nbytes
 from ..federated.arguments import FederatedTrainingArguments
 from ..federated.checkpoint import (
+    FEDERATION_STATE_FILE,
+    HISTORY_FILE,
+    SERVER_STATE_FILE,
+    TRAINABLE_STATE_FILE,
     CheckpointError,
     latest_checkpoint,
     prune_checkpoints,
@@ -37,6 +42,7 @@ from ..federated.checkpoint import (
     remove_stale_temporaries,
     write_checkpoint,
 )
+from ..federated.clients import descriptor_spec
 from ..federated.metrics import scalar_items, summarize_clients, write_history
 from ..federated.rounds import (
     is_evaluation_round,
@@ -48,8 +54,16 @@ from ..federated.rounds import (
     screen_update,
     trainable_state,
 )
-from ..federated.trainer import FEDERATION_STATE_FILE, HISTORY_FILE, SERVER_STATE_FILE, TRAINABLE_STATE_FILE
-from .records import CLIENTS_KEY, CONFIG_KEY, METRICS_KEY, OWN_PREFIX, STATE_KEY, UNIFORM_PREFIX, state_from_record
+from .records import (
+    CLIENTS_KEY,
+    CONFIG_KEY,
+    ERRORS_KEY,
+    METRICS_KEY,
+    OWN_PREFIX,
+    STATE_KEY,
+    UNIFORM_PREFIX,
+    state_from_record,
+)
 
 # Flower's own logger: what the strategy says then shows in `flwr run --stream` / `flwr log` with Flower's lines
 logger = logging.getLogger("flwr")
@@ -100,10 +114,14 @@ class FederatedStrategy(Strategy):
         self.history: list[dict[str, Any]] = []
         self.client_nodes: dict[str, int] = {}
         self.client_examples: dict[str, int] = {}
+        self.client_ids: dict[str, int] = {}
         self.evaluable_clients: list[str] = []
         self.training_clients: list[str] = []
         self._round_start = 0.0
         self._round_record: dict[str, Any] = {}
+        # the messages of the current round's phase and the clients they address: a reply names the message it
+        # answers, which also attributes error replies (whose source may be the SuperLink, not the node)
+        self._sent: list[tuple[Message, tuple[str, ...]]] = []
 
     # ---- Strategy interface ---------------------------------------------------------------------------------------
 
@@ -127,14 +145,17 @@ class FederatedStrategy(Strategy):
         """One `train` message per client sampled for `server_round`, to the node that holds it."""
         sampled = sample_round_clients(self.training_clients, server_round, self.args)
         self._round_record = {"sampled_clients": sampled}
-        return [
-            Message(
-                RecordDict({STATE_KEY: arrays, CONFIG_KEY: self._client_config(config, server_round, name)}),
+        self._sent = []
+        for name in sampled:
+            settings = self._settings(config, server_round)
+            settings.update({"client": name, "client-id": self.client_ids.get(name, -1)})
+            message = Message(
+                RecordDict({STATE_KEY: arrays, CONFIG_KEY: settings}),
                 message_type=MessageType.TRAIN,
                 dst_node_id=self.client_nodes[name],
             )
-            for name in sampled
-        ]
+            self._sent.append((message, (name,)))
+        return [message for message, _ in self._sent]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -148,12 +169,13 @@ class FederatedStrategy(Strategy):
         down = state_nbytes(self.global_state)
         reports: dict[str, dict[str, Any]] = {}
         updates: dict[str, TensorDict] = {}
-        node_errors: dict[int, str] = {}
+        errors: dict[str, str] = {}
         for reply in replies:
+            addressed = self._addressed_clients(reply)
             if reply.has_error():
-                node_errors[reply.metadata.src_node_id] = f"error reply: {reply.error.reason}"
+                errors.update(dict.fromkeys(addressed, f"error reply: {reply.error.reason}"))
                 continue
-            name, report, update = self._read_train_reply(reply, sampled, down)
+            name, report, update = self._read_train_reply(reply, addressed, down)
             if name is None:
                 continue
             reports[name] = report
@@ -161,7 +183,7 @@ class FederatedStrategy(Strategy):
                 updates[name] = update
         for name in sampled:  # a client without a usable reply failed (its node's error, or no reply at all)
             if name not in reports:
-                error = node_errors.get(self.client_nodes[name], "no reply before the timeout")
+                error = errors.get(name, "no reply before the timeout")
                 reports[name] = {"client": name, "status": "failed", "error": error, "bytes_down": down, "bytes_up": 0}
         ordered = [reports[name] for name in sampled]  # the trainer's summation order: sampled order
         require_enough_updates(server_round, sampled, ordered, self.args)
@@ -188,25 +210,17 @@ class FederatedStrategy(Strategy):
         by_node: dict[int, list[str]] = {}
         for name in self.evaluable_clients:
             by_node.setdefault(self.client_nodes[name], []).append(name)
-        messages = []
+        self._sent = []
         for node, names in sorted(by_node.items()):
-            settings = ConfigRecord(dict(config))
-            settings.update(
-                {
-                    "server-round": server_round,
-                    "seed": self.args.seed,
-                    "clients": names,
-                    "client-ids": [self._client_id(name) for name in names],
-                }
+            settings = self._settings(config, server_round)
+            settings.update({"clients": names, "client-ids": [self.client_ids.get(name, -1) for name in names]})
+            message = Message(
+                RecordDict({STATE_KEY: arrays, CONFIG_KEY: settings}),
+                message_type=MessageType.EVALUATE,
+                dst_node_id=node,
             )
-            messages.append(
-                Message(
-                    RecordDict({STATE_KEY: arrays, CONFIG_KEY: settings}),
-                    message_type=MessageType.EVALUATE,
-                    dst_node_id=node,
-                )
-            )
-        return messages
+            self._sent.append((message, tuple(names)))
+        return [message for message, _ in self._sent]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         """Per-client scores summarised like `FederatedTrainer.evaluate_federation`.
@@ -214,22 +228,35 @@ class FederatedStrategy(Strategy):
         `eval_personalized_*`: training clients with their own descriptors; `eval_unseen_*`: unseen clients with theirs;
         `eval_global_{loss,accuracy}`: every evaluated client's data with the uniform descriptor, pooled (the union of
         the clients' test sets stands in for a server-side test set, which a federation usually does not have).
+        Clients whose evaluation failed or never came back are listed under `eval_failed_clients` with the reason.
         """
         own: dict[str, dict[str, float]] = {}
         uniform: dict[str, dict[str, float]] = {}
+        failed: dict[str, str] = {}
         for reply in replies:
+            addressed = self._addressed_clients(reply)
             if reply.has_error():
-                logger.warning(
-                    "Round %d: evaluation failed on node %d: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
+                failed.update(dict.fromkeys(addressed, f"error reply: {reply.error.reason}"))
                 continue
-            for key, record in reply.content.metric_records.items():
-                target = own if key.startswith(OWN_PREFIX) else uniform if key.startswith(UNIFORM_PREFIX) else None
-                if target is not None:
-                    target[key.split("/", 1)[1]] = {k: float(v) for k, v in record.items()}
+            content = reply.content
+            if ERRORS_KEY in content.config_records:
+                failed.update({str(k): str(v) for k, v in content[ERRORS_KEY].items() if k in addressed})
+            for key, record in content.metric_records.items():
+                prefix, _, name = key.partition("/")
+                target = {OWN_PREFIX[:-1]: own, UNIFORM_PREFIX[:-1]: uniform}.get(prefix)
+                if target is None or name not in addressed:
+                    continue  # a node may only report on the clients it was asked about
+                try:
+                    scores = {str(k): float(v) for k, v in record.items()}
+                except (TypeError, ValueError):
+                    failed[name] = f"malformed scores from node {reply.metadata.src_node_id}"
+                    continue
+                target[name] = scores
+        expected = {name for _, names in self._sent for name in names}
+        for name in sorted(expected - set(own) - set(failed)):
+            failed[name] = "no reply before the timeout"
+        if not self.model_has_descriptor:
+            uniform = dict(own)  # without a descriptor both passes are the same; the node sends one
         out: dict[str, Any] = {}
         pooled = sum(scores.get("num_examples", 0.0) for scores in uniform.values())
         for score in ("loss", "accuracy"):
@@ -245,6 +272,9 @@ class FederatedStrategy(Strategy):
         out["eval_clients"] = dict(sorted(seen.items()))
         if unseen:
             out["eval_unseen_clients"] = dict(sorted(unseen.items()))
+        if failed:
+            out["eval_failed_clients"] = dict(sorted(failed.items()))
+            logger.warning("Round %d: evaluation failed for %s", server_round, out["eval_failed_clients"])
         self._round_record.update(out)
         return MetricRecord({key: float(value) for key, value in scalar_items(out).items()})
 
@@ -284,7 +314,11 @@ class FederatedStrategy(Strategy):
         self.summary()
         self._discover_clients(grid)
         if initial_arrays is not None:
-            self.global_state = state_from_record(initial_arrays)
+            initial = state_from_record(initial_arrays)
+            reason = screen_update(initial, trainable_state(self.model))
+            if reason is not None:
+                raise ValueError(f"`initial_arrays` does not fit the model: {reason}.")
+            self.global_state = initial
         first_round = 1
         for stale in remove_stale_temporaries(args.output_dir):
             logger.warning("Removed %s, a checkpoint left half-written by an interrupted run.", stale)
@@ -410,14 +444,31 @@ class FederatedStrategy(Strategy):
             time.sleep(0.5)
         queries = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node) for node in node_ids]
         replies = list(grid.send_and_receive(queries, timeout=self.node_wait_timeout))
-        nodes: dict[str, int] = {}
-        examples: dict[str, int] = {}
-        evaluable: list[str] = []
+        descriptions = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                raise RuntimeError(f"Node {node} could not describe its clients: {reply.error.reason}")
-            description = reply.content[CLIENTS_KEY]
+                raise RuntimeError(f"A node could not describe its clients: {reply.error.reason}")
+            descriptions[node] = reply.content[CLIENTS_KEY]
+        silent = sorted(set(node_ids) - set(descriptions))
+        if silent:
+            raise RuntimeError(
+                f"Nodes {silent} did not say which clients they hold within {self.node_wait_timeout:.0f} s."
+            )
+        self.register_clients(descriptions)
+
+    def register_clients(self, descriptions: Mapping[int, Mapping[str, Any]]) -> None:
+        """Record which node holds which clients, from the nodes' `query` replies (`node id -> description` with
+        `names`, `num-examples`, `evaluable`, `seed`).
+
+        Raises `ValueError` for a node with another seed, a client held by two nodes, unseen clients no node holds,
+        no training client, more clients than a C2A adapter's client-id embedding has rows, or a
+        `min_clients_per_round` above the clients sampled per round.
+        """
+        nodes: dict[str, int] = {}
+        examples: dict[str, int] = {}
+        evaluable: list[str] = []
+        for node, description in sorted(descriptions.items()):
             if int(description["seed"]) != self.args.seed:
                 raise ValueError(f"Node {node} runs with seed {description['seed']}, the server with {self.args.seed}.")
             for name, count, can_evaluate in zip(
@@ -431,60 +482,85 @@ class FederatedStrategy(Strategy):
         unknown = sorted(set(self.unseen_clients) - set(nodes))
         if unknown:
             raise ValueError(f"`unseen_clients` names clients that no node holds: {unknown}.")
-        self.client_nodes, self.client_examples = nodes, examples
-        self.training_clients = sorted(name for name in nodes if name not in self.unseen_clients)
-        self.evaluable_clients = sorted(evaluable)
-        if not self.training_clients:
+        training = sorted(name for name in nodes if name not in self.unseen_clients)
+        if not training:
             raise ValueError("No node holds a training client (all are unseen, or no node replied).")
-        if self.args.min_clients_per_round > self.args.num_sampled_clients(len(self.training_clients)):
+        spec = descriptor_spec(self.model)
+        if spec is not None and spec.num_clients is not None and len(nodes) > spec.num_clients:
+            raise ValueError(
+                f"The C2A adapter embeds {spec.num_clients} client ids (`num_clients`), but the nodes hold "
+                f"{len(nodes)} clients."
+            )
+        if self.args.min_clients_per_round > self.args.num_sampled_clients(len(training)):
             raise ValueError(
                 f"`min_clients_per_round={self.args.min_clients_per_round}` exceeds the clients sampled per round."
             )
-        logger.info("%d clients on %d nodes: %s", len(nodes), len(node_ids), sorted(nodes))
-
-    def _client_id(self, name: str) -> int:
+        self.client_nodes, self.client_examples, self.training_clients = nodes, examples, training
+        self.evaluable_clients = sorted(evaluable)
         # FederatedTrainer numbers clients by sorted name over all of them, unseen included
-        return sorted(self.client_nodes).index(name)
+        self.client_ids = {name: index for index, name in enumerate(sorted(nodes))}
+        logger.info("%d clients on %d nodes: %s", len(nodes), len(descriptions), sorted(nodes))
 
-    def _client_config(self, config: Mapping[str, Any], server_round: int, name: str) -> ConfigRecord:
+    @property
+    def model_has_descriptor(self) -> bool:
+        """Whether the model is a C2A model (its clients are also scored with the uniform descriptor)."""
+        return descriptor_spec(self.model) is not None
+
+    def _settings(self, config: Mapping[str, Any], server_round: int) -> ConfigRecord:
+        """What every train / evaluate message carries: the round, and the settings a node must share."""
         settings = ConfigRecord(dict(config))
-        settings.update(
-            {"server-round": server_round, "seed": self.args.seed, "client": name, "client-id": self._client_id(name)}
-        )
+        settings.update({"server-round": server_round, "seed": self.args.seed, "aggregation": self.args.aggregation})
+        if self.args.aggregation == "fedprox":
+            settings["proximal-mu"] = float(self.args.proximal_mu)
         return settings
 
+    def _addressed_clients(self, reply: Message) -> tuple[str, ...]:
+        """The clients of the message `reply` answers (by message id; by node when the grid sets no ids)."""
+        answered = reply.metadata.reply_to_message_id
+        for message, names in self._sent:
+            if answered and message.metadata.message_id == answered:
+                return names
+        node = reply.metadata.src_node_id
+        return tuple(name for message, names in self._sent if message.metadata.dst_node_id == node for name in names)
+
     def _read_train_reply(
-        self, reply: Message, sampled: Sequence[str], down: int
+        self, reply: Message, addressed: Sequence[str], down: int
     ) -> tuple[Optional[str], dict[str, Any], Optional[TensorDict]]:
-        """The client, report and (usable) update of one train reply; the update is screened like any input."""
-        content = reply.content
+        """The client, report and (usable) update of one train reply. Everything in it is screened: the client must be
+        the one addressed, the update must fit the global state and be finite, the example count must be the one the
+        node announced, the loss finite."""
+        node = reply.metadata.src_node_id
         try:
-            name = str(content[CONFIG_KEY]["client"])
-        except KeyError:
-            logger.warning("A train reply from node %d names no client; ignored.", reply.metadata.src_node_id)
+            status = reply.content[CONFIG_KEY]
+            name = str(status["client"])
+        except (KeyError, TypeError):
+            logger.warning("A train reply from node %d names no client; ignored.", node)
             return None, {}, None
-        if name not in sampled or self.client_nodes.get(name) != reply.metadata.src_node_id:
-            logger.warning(
-                "Node %d replied for client %r, which it was not asked to train; ignored.",
-                reply.metadata.src_node_id,
-                name,
-            )
+        if name not in addressed:
+            logger.warning("Node %d replied for client %r, which it was not asked to train; ignored.", node, name)
             return None, {}, None
         report: dict[str, Any] = {"client": name, "bytes_down": down, "bytes_up": 0}
+        if status.get("status") == "failed" or STATE_KEY not in reply.content.array_records:
+            return name, report | {"status": "failed", "error": str(status.get("error") or "no update sent")}, None
         try:
-            update = state_from_record(content[STATE_KEY])
-            metrics = content[METRICS_KEY]
+            update = state_from_record(reply.content[STATE_KEY])
+            metrics = reply.content[METRICS_KEY]
             report.update(
                 num_examples=int(metrics["num-examples"]),
                 train_loss=float(metrics["train-loss"]),
                 local_steps=int(metrics["local-steps"]),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except Exception as error:  # anything malformed from a node is its failure, never the server's
             return name, report | {"status": "rejected", "error": f"malformed reply: {error!r}"}, None
         report["bytes_up"] = state_nbytes(update)
         reason = screen_update(update, self.global_state)
-        if reason is None and report["num_examples"] <= 0:
-            reason = f"example count {report['num_examples']} is not positive"
+        if reason is None and report["num_examples"] != self.client_examples.get(name):
+            reason = (
+                f"example count {report['num_examples']} differs from the {self.client_examples.get(name)} the node "
+                "announced (it would change the client's weight in the average)"
+            )
+        if reason is None and not math.isfinite(report["train_loss"]):
+            reason = f"non-finite training loss {report['train_loss']}"
         if reason is not None:
             return name, report | {"status": "rejected", "error": reason}, None
         return name, report | {"status": "ok"}, update
