@@ -131,7 +131,11 @@ def test_quick_preset_keeps_explicit_flags(bench):
     args = bench.parse_args(["--quick", "--methods", "c2a", "lora", "--num_rounds", "3"])
     assert args.methods == ["c2a", "lora"] and args.num_rounds == 3 and args.num_clients == 8
     default = bench.parse_args([])
-    assert default.lrs == [1e-4, 3e-4, 1e-3, 3e-3] and default.alphas == [0.1, 0.5, 5.0] and default.seeds == [0, 1, 2]
+    assert (
+        default.lrs == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+        and default.alphas == [0.1, 0.5, 5.0]
+        and default.seeds == [0, 1, 2]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- report logic
