@@ -132,7 +132,7 @@ def test_quick_preset_keeps_explicit_flags(bench):
     assert args.methods == ["c2a", "lora"] and args.num_rounds == 3 and args.num_clients == 8
     default = bench.parse_args([])
     assert (
-        default.lrs == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+        default.lrs == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
         and default.alphas == [0.1, 0.5, 5.0]
         and default.seeds == [0, 1, 2]
     )
