@@ -60,6 +60,10 @@ def test_select_lr_argmax_and_deterministic_ties(bench):
     # ties go to the smaller lr, whatever the order of the mapping
     assert bench.select_lr({3e-3: 0.8, 1e-4: 0.6, 1e-3: 0.8}) == 1e-3
     assert bench.select_lr({1e-3: 0.8, 3e-3: 0.8}) == 1e-3
+    # with a margin, near-ties (single-seed noise) go to the smaller, more stable lr; clear wins still win
+    assert bench.select_lr({3e-3: 0.5805, 1e-2: 0.562, 3e-2: 0.582}, margin=0.01) == 3e-3
+    assert bench.select_lr({1e-3: 0.885, 3e-3: 0.900, 1e-2: 0.755}, margin=0.01) == 3e-3
+    assert bench.select_lr({1e-3: 0.5, 3e-3: 0.2}, margin=bench.SELECTION_TIE_MARGIN) == 1e-3
     # a failed run (None / NaN criterion) never wins
     assert bench.select_lr({1e-4: 0.1, 1e-3: None, 3e-3: math.nan}) == 1e-4
     with pytest.raises(ValueError, match="No usable selection run"):
