@@ -55,6 +55,13 @@ def test_mean_std(bench):
     assert bench.mean_std([]) == {"mean": None, "std": None, "n": 0, "missing": 0}
 
 
+def test_tail_mean_averages_the_last_rounds(bench):
+    curve = [[3, 0.9], [1, 0.1], [2, 0.5], [4, None], [5, math.nan]]
+    assert bench.tail_mean(curve, 3) == pytest.approx(0.9)  # rounds 3-5, missing values skipped
+    assert bench.tail_mean(curve, 5) == pytest.approx(0.5)
+    assert bench.tail_mean([[1, None]], 5) is None and bench.tail_mean([], 5) is None
+
+
 def test_select_lr_argmax_and_deterministic_ties(bench):
     assert bench.select_lr({1e-4: 0.5, 3e-4: 0.7, 1e-3: 0.6}) == 3e-4
     # ties go to the smaller lr, whatever the order of the mapping
