@@ -37,8 +37,8 @@ Protocol:
    highest criterion wins, where scores within SELECTION_TIE_MARGIN (1 point) of the best count as ties and ties go
    to the smaller lr (a single-seed validation score is noisy; the smaller of two equally good rates is the more
    stable one: at alpha 0.1 the bottleneck scored 0.5805 at 3e-3 and 0.582 at 3e-2, and its final run at 3e-2 ended
-   at 0.34). A grid of one value needs no selection runs. Select runs
-   evaluate only after the last round (the criterion needs nothing else).
+   at 0.34). A grid of one value needs no selection runs. Select runs evaluate only after the last round (the
+   criterion needs nothing else).
 2. final runs (phase "final"): the chosen lr, every seed of --seeds, the full client training data, evaluated after
    every round on the global test set, on each client's personal test split (`partition_like`: its training label
    mix; per language under language skew) and on the unseen clients.
@@ -145,8 +145,8 @@ ROUNDS_FRACTION = 0.95  # rounds to reach 95 % of the best final personalised me
 TAIL_ROUNDS = 5  # the report also gives accuracies averaged over the last 5 rounds (the final round alone is noisy)
 SELECTION_TIE_MARGIN = 0.01  # lr selection: validation scores within 1 point of the best are ties (-> smaller lr)
 SELECTION_RULE = (
-    "argmax of the final personalised mean validation accuracy; scores within 0.01 of the best are ties -> "
-    "smaller lr; failed runs never win"
+    f"argmax of the final personalised mean validation accuracy; scores within {SELECTION_TIE_MARGIN} of the best "
+    "are ties -> smaller lr; failed runs never win"
 )
 
 # Settings of one run that define what is measured. Two files with different values here are not comparable, so a
@@ -1534,8 +1534,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             "settings": settings,
             "num_run_files": len(runs),
             "notes": {
-                "criterion": "lr selection: final personalised mean validation accuracy (validation carved from each "
-                "client's training data), same for every method; scores within 0.01 of the best tie -> smaller lr",
+                "criterion": f"lr selection: {SELECTION_RULE} (validation carved from each client's training data), "
+                "same for every method",
                 "local": "local = plain bottleneck adapters trained per client (federation_mode=local)",
                 "centralized": "centralized = C2A on pooled data, clients_per_round x local_steps steps per round",
                 "rounds_to_95": "threshold = 0.95 x best final personalised mean accuracy among c2a and baselines",
