@@ -154,6 +154,22 @@ def test_lora_on_flower_equals_trainer_and_only_updates_and_counts_leave_clients
         assert entry["metrics"][key] == ["accuracy", "loss", "macro_f1", "num_examples"]
 
 
+def test_plain_bottleneck_on_flower_equals_trainer(tmp_path):
+    # this package's non-C2A adapter: no descriptor, one scoring pass per client, same algorithm as the trainer
+    settings = dict(num_rounds=2)
+    sink: dict = {}
+    simulate(
+        flower_utils.client_app(str(tmp_path / "flower"), method="bottleneck", **settings),
+        flower_utils.server_app(str(tmp_path / "flower"), sink, method="bottleneck", **settings),
+    )
+    reference = reference_trainer(tmp_path / "trainer", method="bottleneck", **settings)
+    strategy = sink["strategy"]
+    assert_states_close(strategy.global_state, reference.global_state)
+    for flower_record, trainer_record in zip(strategy.history, reference.history, strict=True):
+        assert flower_record["sampled_clients"] == trainer_record["sampled_clients"]
+        assert flower_record["train_loss"] == pytest.approx(trainer_record["train_loss"], abs=1e-6)
+
+
 def test_simulation_learns_and_writes_history_checkpoints_and_adapter(flower_run):
     output_dir, sink = flower_run
     history = sink["strategy"].history
