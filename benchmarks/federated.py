@@ -48,7 +48,8 @@ JSON file, atomically, to `<output_dir>/runs/<scenario>/alpha-<a>/<method>/<phas
 configuration, environment, the trainer's full history and derived figures. A complete file is skipped on the next
 invocation, so a long benchmark can be resumed and split into chunks (--scenarios, --alphas, --methods, --seeds,
 --phase). A run that raises (e.g. diverges) is recorded with status "failed" and is not retried unless
---retry_failed.
+--retry_failed. --jobs N runs N at a time (a many-core machine, or a GPU: e.g. --jobs 12 --threads 1), each method's
+final runs starting as soon as its select runs are done; step times are then those of a shared machine.
 
 After running, and alone with --report, the summary is written: summary.json, summary.csv, summary.md and plots/
 (accuracy vs round, worst-client accuracy vs round, per-client final accuracy), with mean +- std over seeds, the
@@ -87,6 +88,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import importlib
 import importlib.util
 import io
@@ -98,10 +100,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from queue import PriorityQueue
 from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -821,6 +826,11 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
         setup_peak_kb = _status_kb("VmHWM")
         baseline_kb = _status_kb("VmRSS")
         reset = _reset_peak_rss()
+        on_cuda = torch.cuda.is_available()
+        if on_cuda:  # on a GPU the memory that matters is the device's (the host RSS is mostly libraries)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            cuda_baseline = torch.cuda.memory_allocated()
         train_start = time.time()
         try:
             trainer.train()
@@ -828,6 +838,7 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
             status, error = "failed", repr(exc)
         train_wall = time.time() - train_start
         peak_kb = _status_kb("VmHWM")
+        cuda_peak = torch.cuda.max_memory_allocated() if on_cuda else None
         history = trainer.history
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -840,6 +851,10 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
         "peak_increase_mb": (peak_kb - baseline_kb) / 1024 if reset and peak_kb and baseline_kb else None,
         "setup_peak_rss_mb": setup_peak_kb / 1024 if setup_peak_kb else None,
     }
+    if cuda_peak is not None:
+        memory["cuda_peak_allocated_mb"] = cuda_peak / 2**20
+        memory["cuda_peak_increase_mb"] = (cuda_peak - cuda_baseline) / 2**20
+        memory["cuda_method"] = "torch.cuda.max_memory_allocated, reset after set-up"
     derived = derive(history, spec.phase)
     derived.update(counts)
     derived["memory"] = memory
@@ -951,56 +966,140 @@ def plan(args: argparse.Namespace, phase: str) -> list[RunSpec]:
 
 
 def execute(args: argparse.Namespace) -> int:
-    """Run the requested phases; returns the number of runs that failed or could not start."""
+    """Run the requested phases; returns the number of runs that failed or could not start.
+
+    Runs go scenario by scenario and alpha by alpha, select then final, so complete results arrive early. With
+    `--jobs N`, N runs go at a time in that order of priority, and a method's final runs start as soon as its own
+    select runs are done.
+    """
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     phases = PHASES if args.phase == "all" else (args.phase,)
-    # scenario by scenario, alpha by alpha: select then final, so complete results arrive early
     specs = sorted(
         (spec for phase in phases for spec in plan(args, phase)),
         key=lambda s: (args.scenarios.index(s.scenario), s.alpha, PHASES.index(s.phase)),
     )
+    if args.jobs > 1:
+        return run_parallel(specs, output_dir, args)
     problems = 0
-    e5_path: Optional[str] = None
     for spec in specs:
-        path = output_dir / spec.relative_path()
-        if spec.phase == "final":
-            chosen, record = selection_state(output_dir, spec, spec.lr_grid)
-            if chosen is None:
-                where = spec.label().split(" lr=")[0]  # no lr yet: it is what the selection decides
-                print(
-                    f"blocked  {where} seed={spec.seed}: selection incomplete, missing lr {record['missing']}",
-                    flush=True,
-                )
-                problems += 0 if args.dry_run else 1
-                continue
-            spec.lr, spec.selection = chosen, record
-            path = output_dir / spec.relative_path()
-        existing = read_run(path)
-        if existing is not None:
-            mismatch = protocol_mismatch(existing, spec)
-            if mismatch:
-                raise SystemExit(
-                    f"{path} was run with other protocol settings {mismatch} (file, now). Use another "
-                    "--output_dir, or delete the stale results."
-                )
-            if existing["status"] == "ok" or not args.retry_failed:
-                print(f"done     {spec.label()} ({existing['status']})", flush=True)
-                continue
-        if args.dry_run:
-            print(f"pending  {spec.label()}", flush=True)
-            continue
-        if spec.scenario == "language_skew" and e5_path is None:
-            # convert the e5 model once, here, rather than racing in every worker
-            e5_path = str(language_support()[1]())
-        if spec.scenario == "language_skew":
-            spec.model_path = e5_path
-        problems += 0 if run_in_subprocess(spec, output_dir) else 1
+        ready, problem = prepare(spec, output_dir, args)
+        problems += problem
+        if ready:
+            if spec.scenario == "language_skew":
+                spec.model_path = e5_model_path()
+            problems += 0 if run_in_subprocess(spec, output_dir) else 1
     return problems
 
 
-def run_in_subprocess(spec: RunSpec, output_dir: Path) -> bool:
-    """Run `spec` in a fresh Python process; True if it wrote its run file."""
+def run_parallel(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Namespace) -> int:
+    """`execute` with `args.jobs` runs at a time: a priority queue in `specs` order, each method's final runs
+    released when the last of its select runs finishes. Returns the number of runs that failed or could not start."""
+    group = lambda spec: (spec.scenario, spec.alpha, spec.method)  # noqa: E731
+    rank = {id(spec): i for i, spec in enumerate(specs)}
+    queue: PriorityQueue = PriorityQueue()
+    lock = threading.Lock()
+    selects_running: Counter = Counter()
+    held_finals: dict[tuple, list[RunSpec]] = {}
+    state = {"problems": 0, "outstanding": 0}
+
+    def enqueue(spec: RunSpec) -> None:  # called with the lock held, or before the workers start
+        ready, problem = prepare(spec, output_dir, args)
+        state["problems"] += problem
+        if ready:
+            if spec.scenario == "language_skew":
+                spec.model_path = e5_model_path()
+            state["outstanding"] += 1
+            queue.put((rank[id(spec)], spec))
+
+    for spec in specs:
+        if spec.phase == "select":
+            before = state["outstanding"]
+            enqueue(spec)
+            selects_running[group(spec)] += state["outstanding"] - before
+    for spec in specs:
+        if spec.phase == "final":
+            if selects_running[group(spec)]:
+                held_finals.setdefault(group(spec), []).append(spec)
+            else:
+                enqueue(spec)
+
+    def worker() -> None:
+        while True:
+            spec = queue.get()[-1]
+            if spec is None:
+                return
+            try:
+                ok = run_in_subprocess(spec, output_dir, quiet=True)
+            except Exception as exc:  # e.g. no temporary space: count it, keep the bookkeeping (no hang)
+                print(f"ERROR    {spec.label()}: {exc!r}", flush=True)
+                ok = False
+            with lock:
+                state["problems"] += 0 if ok else 1
+                if spec.phase == "select":
+                    selects_running[group(spec)] -= 1
+                    if not selects_running[group(spec)]:
+                        for final in held_finals.pop(group(spec), []):
+                            enqueue(final)
+                state["outstanding"] -= 1
+                if not state["outstanding"]:
+                    for i in range(args.jobs):  # sentinels rank after every run
+                        queue.put((math.inf, i, None))
+
+    if not state["outstanding"]:
+        return state["problems"]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return state["problems"]
+
+
+@functools.cache
+def e5_model_path() -> str:
+    """The converted e5 folder: converted once, here, in the parent, rather than racing in every worker."""
+    return str(language_support()[1]())
+
+
+def prepare(spec: RunSpec, output_dir: Path, args: argparse.Namespace) -> tuple[bool, int]:
+    """Resolve a final run's lr from its selection and decide whether `spec` must run: `(run it, problems)`.
+
+    A complete run file with the same protocol is kept (failed ones are redone with --retry_failed); one with other
+    protocol settings stops the benchmark rather than mixing protocols.
+    """
+    if spec.phase == "final":
+        chosen, record = selection_state(output_dir, spec, spec.lr_grid)
+        if chosen is None:
+            where = spec.label().split(" lr=")[0]  # no lr yet: it is what the selection decides
+            print(
+                f"blocked  {where} seed={spec.seed}: selection incomplete, missing lr {record['missing']}", flush=True
+            )
+            return False, 0 if args.dry_run else 1
+        spec.lr, spec.selection = chosen, record
+    path = output_dir / spec.relative_path()
+    existing = read_run(path)
+    if existing is not None:
+        mismatch = protocol_mismatch(existing, spec)
+        if mismatch:
+            raise SystemExit(
+                f"{path} was run with other protocol settings {mismatch} (file, now). Use another "
+                "--output_dir, or delete the stale results."
+            )
+        if existing["status"] == "ok" or not args.retry_failed:
+            print(f"done     {spec.label()} ({existing['status']})", flush=True)
+            return False, 0
+    if args.dry_run:
+        print(f"pending  {spec.label()}", flush=True)
+        return False, 0
+    return True, 0
+
+
+def run_in_subprocess(spec: RunSpec, output_dir: Path, quiet: bool = False) -> bool:
+    """Run `spec` in a fresh Python process; True if it wrote its run file.
+
+    The worker's per-round lines stream through unless `quiet` (parallel runs would interleave them).
+    """
     print(f"run      {spec.label()}", flush=True)
     start = time.time()
     handle, name = tempfile.mkstemp(prefix="federated-bench-spec-", suffix=".json")
@@ -1010,8 +1109,15 @@ def run_in_subprocess(spec: RunSpec, output_dir: Path) -> bool:
     command = [sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_file), "--output_dir"]
     try:
         spec_file.write_text(json.dumps(asdict(spec)))
-        # stdout (one line per round) streams through; stderr is kept to show when the worker fails
-        done = subprocess.run([*command, str(output_dir)], env=env, stderr=subprocess.PIPE, text=True, check=False)
+        # stderr is kept to show when the worker fails
+        done = subprocess.run(
+            [*command, str(output_dir)],
+            env=env,
+            stdout=subprocess.DEVNULL if quiet else None,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
     finally:
         spec_file.unlink(missing_ok=True)
     document = read_run(output_dir / spec.relative_path())
@@ -1073,8 +1179,19 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for method in [m for m in METHODS if m in methods]:
             rows[method] = method_row(method, methods[method])
         finish_scenario(rows)
-        scenarios.append({"scenario": scenario, "alpha": alpha, "methods": rows})
+        hardware = sorted({hardware_line(run) for runs_ in methods.values() for run in runs_["final"]})
+        scenarios.append({"scenario": scenario, "alpha": alpha, "methods": rows, "hardware": hardware})
     return {"scenarios": scenarios}
+
+
+def hardware_line(run: Mapping[str, Any]) -> str:
+    """Where a run ran, in words: CPU model and count, torch threads and version, and the GPU if it used one."""
+    env = run["environment"]
+    gpu = f", GPU {env['cuda']}" if env.get("cuda") else ""
+    return (
+        f"{env['cpu_model'] or '?'}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
+        f"torch {env['torch']}{gpu}"
+    )
 
 
 def method_row(method: str, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
@@ -1127,6 +1244,7 @@ def method_row(method: str, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
         "step_time_s": stat(lambda run: run["derived"]["step_time_s_median"]),
         "peak_rss_mb": stat(lambda run: run["derived"]["memory"]["peak_rss_mb"]),
         "peak_increase_mb": stat(lambda run: run["derived"]["memory"]["peak_increase_mb"]),
+        "cuda_peak_allocated_mb": stat(lambda run: run["derived"]["memory"].get("cuda_peak_allocated_mb")),
         "wall_time_s": stat(lambda run: run["derived"]["wall_time_s"]),
         "select_wall_time_s": mean_std(run["derived"]["wall_time_s"] for run in runs["select"]),
         "curves": {  # (round, mean, std over seeds)
@@ -1294,13 +1412,16 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "mean accuracy reaches 95% of the best final personalised mean accuracy among C2A and the baselines "
         "(centralized, an upper bound, excluded), with each seed's round. *Step time*: median over rounds of the "
         "history's train_time / local_steps, relative to the plain bottleneck (noisy on a shared CPU). *Peak RSS*: "
-        "the worker process's VmHWM during training + evaluation (the model and data included).\n\n"
+        "the worker process's VmHWM during training + evaluation (the model and data included); on a GPU, in brackets, "
+        "torch's peak allocated device memory.\n\n"
     )
     if settings:
         out.write("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".\n\n")
     for scenario in summary["scenarios"]:
         rows = scenario["methods"]
         out.write(f"## {scenario['scenario']}, alpha = {fmt_number(scenario['alpha'])}\n\n")
+        if scenario["hardware"]:
+            out.write("Final runs on: " + "; ".join(scenario["hardware"]) + ".\n\n")
         out.write("| " + " | ".join(TABLE_COLUMNS) + " |\n")
         out.write("|" + "---|" * len(TABLE_COLUMNS) + "\n")
         for method, row in rows.items():
@@ -1333,7 +1454,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
                 _pm(row["bytes_up_per_client_per_round"], 0),
                 params,
                 f"{ratio:.2f}" if ratio is not None else "–",
-                _pm(row["peak_rss_mb"], 0),
+                _pm(row["peak_rss_mb"], 0)
+                + (f" (GPU {_pm(row['cuda_peak_allocated_mb'], 0)})" if row["cuda_peak_allocated_mb"]["n"] else ""),
                 _pm(row["wall_time_s"], 0),
             ]
             out.write("| " + " | ".join(cells) + " |\n")
@@ -1516,13 +1638,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     runs = load_runs(output_dir)
     summary = aggregate(runs)
-    hardware = sorted(
-        {
-            f"{r['environment']['cpu_model'] or '?'}, {r['environment']['cpu_count']} CPUs, "
-            f"{r['environment']['torch_threads']} torch threads, torch {r['environment']['torch']}"
-            for r in runs
-        }
-    )
+    hardware = sorted({hardware_line(run) for run in runs})
     settings = {}
     for run in runs:
         settings.update({k: v for k, v in run["config"]["settings"].items() if k not in LANGUAGE_KEYS})
@@ -1596,6 +1712,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     run.add_argument("--output_dir", default=str(DEFAULT_OUTPUT))
     run.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each run")
+    run.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time (each a process with --threads threads; e.g. on a GPU)"
+    )
 
     protocol = parser.add_argument_group("protocol (recorded in every run; must match to reuse a run file)")
     protocol.add_argument("--selection_seed", type=int, default=0, help="seed of the lr-selection runs")

@@ -255,6 +255,70 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path, monkeypatch):
+    """`--jobs N`: at most N runs at a time; a method's final runs start only after all of its select runs, with the
+    lr they chose; a second invocation runs nothing; a runner that raises is counted, not a hang.
+
+    The worker is replaced by a stand-in that writes the run file `run_single` would (the real worker is exercised by
+    the slow end-to-end test): the scheduling, not training, is under test here."""
+    import threading
+    import time
+
+    # validation score by (method, lr): c2a peaks at 1e-3, head at 3e-3 (ties within 1 point go to the smaller lr)
+    scores = {("c2a", 1e-3): 0.9, ("c2a", 3e-3): 0.5, ("head", 1e-3): 0.4, ("head", 3e-3): 0.7}
+    lock, running, events = threading.Lock(), [0], []
+
+    def stand_in(spec, output_dir, quiet=False):
+        with lock:
+            running[0] += 1
+            events.append(("start", spec.method, spec.phase, spec.lr, spec.seed, running[0]))
+        time.sleep(0.05)
+        document = {
+            "status": "ok",
+            "config": {**bench.asdict(spec), "settings": spec.settings},
+            "derived": {"criterion": {"value": scores[spec.method, spec.lr]}} if spec.phase == "select" else {},
+            "complete": True,
+        }
+        bench.atomic_write_json(output_dir / spec.relative_path(), document)
+        with lock:
+            running[0] -= 1
+            events.append(("end", spec.method, spec.phase, spec.lr, spec.seed, running[0]))
+        return True
+
+    monkeypatch.setattr(bench, "run_in_subprocess", stand_in)
+    argv = ["--quick", "--methods", "c2a", "head", "--lrs", "1e-3", "3e-3", "--seeds", "0", "1"]
+    argv += ["--jobs", "3", "--output_dir", str(tmp_path), "--no_report"]
+    assert bench.main(argv) == 0
+
+    starts = [e for e in events if e[0] == "start"]
+    assert len(starts) == 2 * 2 + 2 * 2  # 2 methods x (2 select lrs + 2 final seeds)
+    assert max(e[5] for e in starts) <= 3 and max(e[5] for e in starts) >= 2  # parallel, within --jobs
+    for method, best in (("c2a", 1e-3), ("head", 3e-3)):
+        last_select_end = max(i for i, e in enumerate(events) if e[:3] == ("end", method, "select"))
+        finals = [(i, e) for i, e in enumerate(events) if e[:3] == ("start", method, "final")]
+        assert sorted(e[4] for _, e in finals) == [0, 1]
+        assert all(i > last_select_end and e[3] == pytest.approx(best) for i, e in finals)
+        run = json.loads(
+            (
+                tmp_path / "runs/label_skew/alpha-0.1" / method / f"final/lr-{bench.fmt_number(best)}/seed-1.json"
+            ).read_text()
+        )
+        assert run["config"]["selection"]["chosen_lr"] == pytest.approx(best)
+
+    # everything is done: a second invocation starts nothing
+    events.clear()
+    assert bench.main(argv) == 0 and events == []
+
+    # a runner that raises (no temporary space, say) is one problem per run, and the benchmark still returns
+    def broken(spec, output_dir, quiet=False):
+        raise OSError("no space left")
+
+    monkeypatch.setattr(bench, "run_in_subprocess", broken)
+    other = tmp_path / "other"
+    argv = ["--quick", "--methods", "c2a", "--lrs", "1e-3", "3e-3", "--jobs", "2", "--output_dir", str(other)]
+    assert bench.execute(bench.parse_args(argv + ["--no_report"])) == 2 + 1  # 2 select runs fail, the final is blocked
+
+
 @pytest.mark.slow
 def test_quick_preset_end_to_end_and_resume(bench, tmp_path, monkeypatch, restore_threads):
     out = tmp_path / "bench"
