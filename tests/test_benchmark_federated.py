@@ -273,6 +273,17 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+def test_no_plots_for_a_scenario_with_only_select_runs(reporting, tmp_path):
+    """An alpha whose selection is under way has no final runs yet: the report draws no (empty) figures for it."""
+    runs = [
+        fake_run("c2a", 0, [0.5], 0.5, 200, lr=lr, phase="select", grid=(1e-3, 3e-3), criterion=score)
+        for lr, score in ((1e-3, 0.5), (3e-3, 0.7))
+    ]
+    summary = reporting.aggregate(runs)
+    assert summary["scenarios"][0]["methods"]["c2a"]["chosen_lr"] == pytest.approx(3e-3)
+    assert reporting.write_plots(summary, tmp_path / "plots") == []
+
+
 def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path, monkeypatch, proto):
     """`--jobs N`: at most N runs at a time; a method's final runs start only after all of its select runs, with the
     lr they chose; a second invocation runs nothing; a runner that raises is counted, not a hang.

@@ -493,6 +493,8 @@ def write_plots(summary: Mapping[str, Any], folder: Path) -> list[Path]:
     for scenario in summary["scenarios"]:
         stem = f"{scenario['scenario']}_alpha-{fmt_number(scenario['alpha'])}"
         rows = scenario["methods"]
+        if not any(row["seeds"] for row in rows.values()):
+            continue  # only select runs so far: nothing to plot (and no empty figure to mistake for a result)
         title = f"{scenario['scenario']}, alpha = {fmt_number(scenario['alpha'])}"
         figure = Figure(figsize=(11, 4), layout="constrained")
         for axis, key, label in zip(
