@@ -133,8 +133,13 @@ def test_gradient_checkpointing_matches_plain_backward(tiny_bert_pair, batch):
         peft_model = get_peft_model(copy.deepcopy(model), c2a_config())
         make_non_trivial(peft_model)
         if checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            assert peft_model.base_model.model.is_gradient_checkpointing
+            inner = peft_model.base_model.model
+            if hasattr(inner, "activation_checkpointing_enable"):  # the name since transformers 5.24
+                peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                assert inner.is_activation_checkpointing
+            else:
+                peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                assert inner.is_gradient_checkpointing
         peft_model.train()
         out = peft_model(**batch, labels=torch.tensor([0, 1, 2, 0]), label_distribution=DESCRIPTORS)
         out.loss.backward()
