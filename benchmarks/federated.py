@@ -37,8 +37,10 @@ Protocol:
    highest criterion wins, where scores within SELECTION_TIE_MARGIN (1 point) of the best count as ties and ties go
    to the smaller lr (a single-seed validation score is noisy; the smaller of two equally good rates is the more
    stable one: at alpha 0.1 the bottleneck scored 0.5805 at 3e-3 and 0.582 at 3e-2, and its final run at 3e-2 ended
-   at 0.34). A grid of one value needs no selection runs. Select runs evaluate only after the last round (the
-   criterion needs nothing else).
+   at 0.34). A winner at an edge of the grid may be capped by it, so the selection then adds the next rate beyond
+   that edge (the grid's own rates moved by a decade: 1e-1 after 3e-2, 3e-5 below 1e-4) and decides again, up to
+   GRID_EXTENSIONS (2) rates per side, for every method alike; the final runs wait for it. A grid of one value needs
+   no selection runs. Select runs evaluate only after the last round (the criterion needs nothing else).
 2. final runs (phase "final"): the chosen lr, every seed of --seeds, the full client training data, evaluated after
    every round on the global test set, on each client's personal test split (`partition_like`: its training label
    mix; per language under language skew) and on the unseen clients.
@@ -87,6 +89,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
@@ -118,12 +121,11 @@ from benchmarks.federated_bench.protocol import (  # noqa: E402
     PROTOCOL_KEYS,
     SCENARIOS,
     SELECTION_RULE,
-    SELECTION_TIE_MARGIN,
     RunSpec,
     fmt_number,
     protocol_mismatch,
     read_run,
-    select_lr,
+    resolve_selection,
 )
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "federated"
@@ -169,33 +171,34 @@ def selection_state(
 ) -> tuple[Optional[float], dict[str, Any]]:
     """The chosen lr for `template`'s scenario / alpha / method from the select-run files, and the selection record.
 
-    Returns `(None, record)` while some select runs are missing. A one-value grid needs no runs.
+    Returns `(None, record)` while select runs are missing (`record["missing"]`: those of `grid` or the rates the
+    selection added beyond an edge of it, `resolve_selection`) or when every select run failed.
     """
-    grid = [float(lr) for lr in grid]
-    if len(grid) == 1:
-        return grid[0], {"rule": "single-value grid: no selection runs", "grid": grid, "scores": {}}
-    scores: dict[str, Optional[float]] = {}
-    missing = []
-    for lr in grid:
-        probe = RunSpec(
-            **{**asdict(template), "phase": "select", "lr": lr, "seed": template.settings["selection_seed"]}
-        )
-        document = read_run(output_dir / probe.relative_path())
-        if document is None:
-            missing.append(lr)
-            continue
-        scores[fmt_number(lr)] = document["derived"].get("criterion", {}).get("value")
+    scores: dict[float, Optional[float]] = {}
+    absent: set[float] = set()
+    while True:  # read the runs the rule asks for until it decides or waits for runs not on disk
+        chosen, extended, missing = resolve_selection(grid, scores)
+        unread = [lr for lr in missing if lr not in absent]
+        if not unread:
+            break
+        for lr in unread:
+            probe = RunSpec(
+                **{**asdict(template), "phase": "select", "lr": lr, "seed": template.settings["selection_seed"]}
+            )
+            document = read_run(output_dir / probe.relative_path())
+            if document is None:
+                absent.add(lr)
+            else:
+                scores[lr] = document["derived"].get("criterion", {}).get("value")
     record = {
-        "rule": SELECTION_RULE,
-        "grid": grid,
+        "rule": SELECTION_RULE if len(extended) > 1 else "single-value grid: no selection runs",
+        "grid": extended,
         "selection_seed": template.settings["selection_seed"],
-        "scores": scores,
+        "scores": {fmt_number(lr): scores[lr] for lr in extended if lr in scores},
         "missing": missing,
     }
-    if missing:
-        return None, record
-    chosen = select_lr({float(k): v for k, v in scores.items()}, SELECTION_TIE_MARGIN)
-    record["chosen_lr"] = chosen
+    if chosen is not None:
+        record["chosen_lr"] = chosen
     return chosen, record
 
 
@@ -245,36 +248,57 @@ def execute(args: argparse.Namespace) -> int:
 
 def run_queue(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Namespace) -> int:
     """Run `specs`, `args.jobs` at a time, from a priority queue in `specs` order; each method's final runs are
-    released when the last of its select runs finishes (with one job that is exactly the order of `specs`). Returns
-    the number of runs that failed or could not start."""
+    released when its selection is settled: the last of its select runs has finished, including any the selection
+    adds beyond an edge of the grid (`resolve_selection`). With one job that is exactly the order of `specs`, each
+    added select run going right after its method's others. Returns the number of runs that failed or could not
+    start."""
     group = lambda spec: (spec.scenario, spec.alpha, spec.method)  # noqa: E731
     rank = {id(spec): i for i, spec in enumerate(specs)}
+    order = itertools.count()  # breaks ties in rank (an added select run ranks like its method's others)
     queue: PriorityQueue = PriorityQueue()
     lock = threading.Lock()
     selects_running: Counter = Counter()
+    select_templates: dict[tuple, RunSpec] = {}
+    added_lrs: dict[tuple, set[float]] = {}
     held_finals: dict[tuple, list[RunSpec]] = {}
     state = {"problems": 0, "outstanding": 0}
 
-    def enqueue(spec: RunSpec) -> None:  # called with the lock held, or before the workers start
+    def enqueue(spec: RunSpec, priority: Optional[int] = None) -> None:  # with the lock held, or before the workers
         ready, problem = prepare(spec, output_dir, args)
         state["problems"] += problem
         if ready:
             if spec.scenario == "language_skew":
                 spec.model_path = e5_model_path()
             state["outstanding"] += 1
-            queue.put((rank[id(spec)], spec))
+            if spec.phase == "select":
+                selects_running[group(spec)] += 1
+            queue.put((rank[id(spec)] if priority is None else priority, next(order), spec))
+
+    def settle(key: tuple) -> None:  # with the lock held: the group's select runs are done; queue what it lacks
+        template = select_templates[key]
+        _, record = selection_state(output_dir, template, template.lr_grid)
+        tried = added_lrs.setdefault(key, set())
+        # only rates beyond the grid are added here: a missing grid rate is a select run that could not start
+        for lr in [lr for lr in record["missing"] if lr not in template.lr_grid and lr not in tried]:
+            tried.add(lr)
+            enqueue(RunSpec(**{**asdict(template), "lr": lr}), priority=rank[id(template)])
+        if not selects_running[key]:
+            for final in held_finals.pop(key, []):
+                enqueue(final)
 
     for spec in specs:
         if spec.phase == "select":
-            before = state["outstanding"]
+            select_templates.setdefault(group(spec), spec)
             enqueue(spec)
-            selects_running[group(spec)] += state["outstanding"] - before
     for spec in specs:
         if spec.phase == "final":
-            if selects_running[group(spec)]:
+            if group(spec) in select_templates:
                 held_finals.setdefault(group(spec), []).append(spec)
             else:
                 enqueue(spec)
+    for key in select_templates:
+        if not selects_running[key]:
+            settle(key)
 
     def drain() -> None:  # one thread: take runs off the queue until a sentinel
         while True:
@@ -291,8 +315,7 @@ def run_queue(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Namespa
                 if spec.phase == "select":
                     selects_running[group(spec)] -= 1
                     if not selects_running[group(spec)]:
-                        for final in held_finals.pop(group(spec), []):
-                            enqueue(final)
+                        settle(group(spec))
                 state["outstanding"] -= 1
                 if not state["outstanding"]:
                     for i in range(args.jobs):  # sentinels rank after every run
@@ -324,9 +347,12 @@ def prepare(spec: RunSpec, output_dir: Path, args: argparse.Namespace) -> tuple[
         chosen, record = selection_state(output_dir, spec, spec.lr_grid)
         if chosen is None:
             where = spec.label().split(" lr=")[0]  # no lr yet: it is what the selection decides
-            print(
-                f"blocked  {where} seed={spec.seed}: selection incomplete, missing lr {record['missing']}", flush=True
+            why = (
+                f"selection incomplete, missing lr {record['missing']}"
+                if record["missing"]
+                else "every select run failed"
             )
+            print(f"blocked  {where} seed={spec.seed}: {why}", flush=True)
             return False, 0 if args.dry_run else 1
         spec.lr, spec.selection = chosen, record
     path = output_dir / spec.relative_path()

@@ -95,6 +95,31 @@ def test_select_lr_argmax_and_deterministic_ties(proto):
         proto.select_lr({1e-3: None, 3e-3: math.nan})
 
 
+def test_grid_extends_past_an_edge_winner(proto):
+    grid = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    assert proto.next_rate_beyond(grid, upward=True) == 0.1
+    assert proto.next_rate_beyond([*grid, 0.1], upward=True) == 0.3  # not 0.30000000000000004
+    assert proto.next_rate_beyond(grid, upward=False) == 3e-5
+    assert proto.next_rate_beyond([3e-5, *grid], upward=False) == 1e-5
+    scores = {1e-4: 0.3, 3e-4: 0.4, 1e-3: 0.5, 3e-3: 0.6, 1e-2: 0.7, 3e-2: 0.86}  # the head at alpha 0.5
+    assert proto.resolve_selection(grid, scores) == (None, [*grid, 0.1], [0.1])  # waits for the run beyond the edge
+    # within the tie margin of the edge winner: the edge rate stays chosen, now inside the grid
+    assert proto.resolve_selection(grid, {**scores, 0.1: 0.865}) == (3e-2, [*grid, 0.1], [])
+    # better beyond the edge: one more rate, then the cap (GRID_EXTENSIONS per side) ends the search
+    assert proto.resolve_selection(grid, {**scores, 0.1: 0.9}) == (None, [*grid, 0.1, 0.3], [0.3])
+    assert proto.GRID_EXTENSIONS == 2
+    assert proto.resolve_selection(grid, {**scores, 0.1: 0.9, 0.3: 0.95}) == (0.3, [*grid, 0.1, 0.3], [])
+    # downward alike; an interior winner adds nothing; a failed run beyond the edge never wins
+    low = {1e-4: 0.9, 3e-4: 0.5, 1e-3: 0.4}
+    assert proto.resolve_selection([1e-4, 3e-4, 1e-3], low)[2] == [3e-5]
+    assert proto.resolve_selection([1e-4, 3e-4, 1e-3], {**low, 3e-5: None}) == (1e-4, [3e-5, 1e-4, 3e-4, 1e-3], [])
+    assert proto.resolve_selection([1e-3, 3e-3, 1e-2], {1e-3: 0.5, 3e-3: 0.9, 1e-2: 0.1})[0] == 3e-3
+    # missing grid rates first; a one-value grid needs no runs; every run failed: nothing chosen, nothing missing
+    assert proto.resolve_selection([1e-3, 3e-3], {1e-3: 0.5}) == (None, [1e-3, 3e-3], [3e-3])
+    assert proto.resolve_selection([3e-3], {}) == (3e-3, [3e-3], [])
+    assert proto.resolve_selection([1e-3, 3e-3], {1e-3: None, 3e-3: math.nan}) == (None, [1e-3, 3e-3], [])
+
+
 def test_carve_validation(worker):
     rng = np.random.default_rng(0)
     parts = [np.sort(rng.choice(1000, size=n, replace=False)) for n in (40, 8, 2, 1)]
@@ -222,6 +247,8 @@ def test_aggregate_rounds_threshold_and_targets(reporting):
         # selection runs of local on a two-value grid: the final run at the losing lr must be ignored
         fake_run("local", 0, [0.3], 0.1, 0, lr=1e-3, phase="select", grid=(1e-3, 3e-3), criterion=0.6),
         fake_run("local", 0, [0.3], 0.1, 0, lr=3e-3, phase="select", grid=(1e-3, 3e-3), criterion=0.7),
+        # 3e-3 won at the grid's top edge: the selection added 1e-2, which did worse
+        fake_run("local", 0, [0.3], 0.1, 0, lr=1e-2, phase="select", grid=(1e-3, 3e-3), criterion=0.5),
         fake_run("local", 0, [0.5, 0.6, 0.7], 0.3, 0, lr=3e-3, grid=(1e-3, 3e-3)),
         fake_run("local", 0, [0.5, 0.6, 0.95], 0.3, 0, lr=1e-3, grid=(1e-3, 3e-3)),  # stale lr
     ]
@@ -229,6 +256,7 @@ def test_aggregate_rounds_threshold_and_targets(reporting):
     rows = summary["scenarios"][0]["methods"]
     assert list(rows) == ["c2a", "bottleneck", "lora", "local", "centralized"]  # benchmark order
     assert rows["local"]["chosen_lr"] == 3e-3 and rows["local"]["stale_final_lrs"] == [1e-3]
+    assert rows["local"]["lr_grid"] == [1e-3, 3e-3, 1e-2] and rows["local"]["selection_scores"]["0.01"] == 0.5
     assert rows["local"]["personalized_mean_accuracy"]["mean"] == pytest.approx(0.7)
     c2a = rows["c2a"]
     assert c2a["personalized_mean_accuracy"]["mean"] == pytest.approx(0.9)
@@ -277,11 +305,30 @@ def test_no_plots_for_a_scenario_with_only_select_runs(reporting, tmp_path):
     """An alpha whose selection is under way has no final runs yet: the report draws no (empty) figures for it."""
     runs = [
         fake_run("c2a", 0, [0.5], 0.5, 200, lr=lr, phase="select", grid=(1e-3, 3e-3), criterion=score)
-        for lr, score in ((1e-3, 0.5), (3e-3, 0.7))
+        for lr, score in ((1e-3, 0.5), (3e-3, 0.7), (1e-2, 0.4))
     ]
     summary = reporting.aggregate(runs)
     assert summary["scenarios"][0]["methods"]["c2a"]["chosen_lr"] == pytest.approx(3e-3)
     assert reporting.write_plots(summary, tmp_path / "plots") == []
+
+
+def test_report_follows_the_grid_extension(reporting):
+    """The report applies the same rule as the runner: an edge winner waits for the rate beyond; past the cap the
+    edge is flagged."""
+    select = lambda lr, score: fake_run(  # noqa: E731
+        "head", 0, [0.5], 0.5, 0, lr=lr, phase="select", grid=(1e-3, 3e-3), criterion=score
+    )
+    row = reporting.aggregate([select(1e-3, 0.5), select(3e-3, 0.7)])["scenarios"][0]["methods"]["head"]
+    assert row["chosen_lr"] is None and row["lr_rule"] == "selection incomplete: missing lr [0.01]"
+    runs = [select(1e-3, 0.5), select(3e-3, 0.7), select(1e-2, 0.8), select(3e-2, 0.9)]
+    runs.append(fake_run("head", 0, [0.5, 0.9], 0.5, 0, lr=3e-2, grid=(1e-3, 3e-3)))
+    summary = reporting.aggregate(runs)
+    row = summary["scenarios"][0]["methods"]["head"]
+    assert row["chosen_lr"] == 3e-2 and row["lr_grid"] == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert row["personalized_mean_accuracy"]["mean"] == pytest.approx(0.9)
+    summary.update({"command": "x", "environment": {"date_utc": "now"}, "hardware": [], "settings": {}})
+    summary["targets"] = reporting.check_targets(summary)
+    assert "head: the chosen lr 0.03 is at the edge of the grid after 2 extensions" in reporting.markdown(summary)
 
 
 def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path, monkeypatch, proto):
@@ -293,8 +340,11 @@ def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path
     import threading
     import time
 
-    # validation score by (method, lr): c2a peaks at 1e-3, head at 3e-3 (ties within 1 point go to the smaller lr)
+    # validation score by (method, lr) on the grid {1e-3, 3e-3}: c2a peaks at 1e-3, the bottom edge, so the selection
+    # adds 3e-4, which does worse; head peaks at the top edge, does better at the added 1e-2 and again at 3e-2, where
+    # the cap (2 rates per side) stops the search
     scores = {("c2a", 1e-3): 0.9, ("c2a", 3e-3): 0.5, ("head", 1e-3): 0.4, ("head", 3e-3): 0.7}
+    scores |= {("c2a", 3e-4): 0.6, ("head", 1e-2): 0.8, ("head", 3e-2): 0.9}
     lock, running, events = threading.Lock(), [0], []
 
     def stand_in(spec, output_dir, quiet=False):
@@ -320,9 +370,11 @@ def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path
     assert bench.main(argv) == 0
 
     starts = [e for e in events if e[0] == "start"]
-    assert len(starts) == 2 * 2 + 2 * 2  # 2 methods x (2 select lrs + 2 final seeds)
+    assert len(starts) == 2 * 2 + 1 + 2 + 2 * 2  # 2 methods x 2 select lrs, 1 + 2 added, 2 x 2 final seeds
     assert max(e[5] for e in starts) <= 3 and max(e[5] for e in starts) >= 2  # parallel, within --jobs
-    for method, best in (("c2a", 1e-3), ("head", 3e-3)):
+    selects = lambda method: [e[3] for e in starts if e[1:3] == (method, "select")]  # noqa: E731
+    assert selects("c2a") == [1e-3, 3e-3, 3e-4] and selects("head") == [1e-3, 3e-3, 1e-2, 3e-2]
+    for method, best in (("c2a", 1e-3), ("head", 3e-2)):
         last_select_end = max(i for i, e in enumerate(events) if e[:3] == ("end", method, "select"))
         finals = [(i, e) for i, e in enumerate(events) if e[:3] == ("start", method, "final")]
         assert sorted(e[4] for _, e in finals) == [0, 1]
@@ -333,6 +385,7 @@ def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path
             ).read_text()
         )
         assert run["config"]["selection"]["chosen_lr"] == pytest.approx(best)
+        assert run["config"]["selection"]["grid"] == sorted(selects(method))
 
     # everything is done: a second invocation starts nothing
     events.clear()

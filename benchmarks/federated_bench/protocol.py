@@ -55,9 +55,11 @@ WORST_CLIENT_MARGIN = 0.02  # C2A must beat the best baseline's worst-client acc
 ROUNDS_FRACTION = 0.95  # rounds to reach 95 % of the best final personalised mean accuracy
 TAIL_ROUNDS = 5  # the report also gives accuracies averaged over the last 5 rounds (the final round alone is noisy)
 SELECTION_TIE_MARGIN = 0.01  # lr selection: validation scores within 1 point of the best are ties (-> smaller lr)
+GRID_EXTENSIONS = 2  # a chosen lr at an edge of the grid adds the next rate beyond it, up to 2 per side
 SELECTION_RULE = (
     f"argmax of the final personalised mean validation accuracy; scores within {SELECTION_TIE_MARGIN} of the best "
-    "are ties -> smaller lr; failed runs never win"
+    f"are ties -> smaller lr; failed runs never win; a winner at an edge of the grid adds the next rate beyond it "
+    f"(up to {GRID_EXTENSIONS} per side)"
 )
 
 # Settings of one run that define what is measured. Two files with different values here are not comparable, so a
@@ -142,6 +144,48 @@ def select_lr(scores: Mapping[float, Optional[float]], margin: float = 0.0) -> f
         raise ValueError(f"No usable selection run among learning rates {sorted(scores)}.")
     best = max(usable.values())
     return min(lr for lr, score in usable.items() if score >= best - margin)
+
+
+def next_rate_beyond(grid: Sequence[float], upward: bool) -> float:
+    """The grid continued one step past its largest (`upward`) or smallest rate: its own rates moved by a decade.
+
+    {1e-4, 3e-4, ..., 1e-2, 3e-2} continues with 1e-1, then 3e-1 upward and with 3e-5, then 1e-5 downward.
+    """
+    # rounded to 12 digits: 0.03 * 10 is 0.30000000000000004 and 3e-4 / 10 is 2.9999999999999997e-05 (below 3e-5)
+    shifted = [float(f"{lr * 10 if upward else lr / 10:.12g}") for lr in grid]
+    return min(x for x in shifted if x > max(grid)) if upward else max(x for x in shifted if x < min(grid))
+
+
+def resolve_selection(
+    grid: Sequence[float], scores: Mapping[float, Optional[float]], extensions: int = GRID_EXTENSIONS
+) -> tuple[Optional[float], list[float], list[float]]:
+    """Apply the selection rule to the scores at hand: `(chosen lr or None, grid, missing lrs)`.
+
+    The grid grows while the winner sits at one of its edges: a method whose best rate is the largest (smallest) one
+    tried may do better beyond it, and no method should be capped by the grid. Each step adds the next rate beyond
+    that edge (`next_rate_beyond`), at most `extensions` per side; `missing` then names the select run the selection
+    waits for. A one-value grid needs no selection. `chosen` is `None` while runs are missing or when every run
+    failed (`missing` is then empty).
+    """
+    grid = sorted({float(lr) for lr in grid})
+    if len(grid) == 1:
+        return grid[0], grid, []
+    added = {True: 0, False: 0}  # extensions made upward / downward
+    while True:
+        missing = [lr for lr in grid if lr not in scores]
+        if missing:
+            return None, grid, missing
+        try:
+            chosen = select_lr({lr: scores[lr] for lr in grid}, SELECTION_TIE_MARGIN)
+        except ValueError:  # every run failed
+            return None, grid, []
+        if chosen not in (grid[0], grid[-1]):
+            return chosen, grid, []
+        upward = chosen == grid[-1]
+        if added[upward] >= extensions:
+            return chosen, grid, []
+        added[upward] += 1
+        grid = sorted([*grid, next_rate_beyond(grid, upward)])
 
 
 def atomic_write_text(path: Path, text: str) -> None:

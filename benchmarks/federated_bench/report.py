@@ -20,11 +20,11 @@ import numpy as np
 from .protocol import (
     _FILE_MODE,
     BASELINES,
+    GRID_EXTENSIONS,
     LANGUAGE_KEYS,
     METHODS,
     ROUNDS_FRACTION,
     SELECTION_RULE,
-    SELECTION_TIE_MARGIN,
     TAIL_ROUNDS,
     TARGET_SCENARIOS,
     UPPER_BOUNDS,
@@ -35,8 +35,8 @@ from .protocol import (
     fmt_number,
     mean_std,
     read_run,
+    resolve_selection,
     rounds_to_reach,
-    select_lr,
     tail_mean,
 )
 
@@ -111,13 +111,15 @@ def method_row(method: str, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
     for run in runs["select"]:
         if run["config"]["seed"] == run["config"]["settings"]["selection_seed"]:
             scores[float(run["config"]["lr"])] = run["derived"].get("criterion", {}).get("value")
+    chosen: Optional[float] = None
+    if grid:
+        chosen, grid, missing = resolve_selection(grid, scores)
     if len(grid) == 1:
-        chosen: Optional[float] = grid[0]
         rule = "single-value grid: no selection runs"
-    elif grid and all(lr in scores for lr in grid):
-        chosen, rule = select_lr({lr: scores[lr] for lr in grid}, SELECTION_TIE_MARGIN), SELECTION_RULE
+    elif chosen is not None:
+        rule = SELECTION_RULE
     else:
-        chosen, rule = None, f"selection incomplete: missing lr {[lr for lr in grid if lr not in scores]}"
+        rule = f"selection incomplete: missing lr {missing}" if missing else "every select run failed"
     used = [run for run in finals if chosen is not None and float(run["config"]["lr"]) == chosen]
     ok = [run for run in used if run["status"] == "ok"]
     stale = sorted({float(run["config"]["lr"]) for run in finals} - ({chosen} if chosen is not None else set()))
@@ -378,7 +380,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
             out.write(f"| {method} | " + " | ".join(cells) + f" | {chosen} | {row['lr_rule']} |\n")
         notes = [f"{m}: failed runs {r['failed_errors']}" for m, r in rows.items() if r["failed_seeds"]]
         notes += [
-            f"{m}: the chosen lr {fmt_number(r['chosen_lr'])} is at the edge of the grid: the best lr may lie beyond"
+            f"{m}: the chosen lr {fmt_number(r['chosen_lr'])} is at the edge of the grid after {GRID_EXTENSIONS} "
+            "extensions: the best lr may lie beyond"
             for m, r in rows.items()
             if len(r["lr_grid"]) > 1 and r["chosen_lr"] in (min(r["lr_grid"]), max(r["lr_grid"]))
         ]
