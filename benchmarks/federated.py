@@ -117,6 +117,7 @@ from benchmarks.federated_bench import worker  # noqa: E402
 from benchmarks.federated_bench.protocol import (  # noqa: E402
     LANGUAGE_KEYS,
     METHODS,
+    NO_SELECTION_RULE,
     PHASES,
     PROTOCOL_KEYS,
     SCENARIOS,
@@ -191,7 +192,7 @@ def selection_state(
             else:
                 scores[lr] = document["derived"].get("criterion", {}).get("value")
     record = {
-        "rule": SELECTION_RULE if len(extended) > 1 else "single-value grid: no selection runs",
+        "rule": SELECTION_RULE if len(extended) > 1 else NO_SELECTION_RULE,
         "grid": extended,
         "selection_seed": template.settings["selection_seed"],
         "scores": {fmt_number(lr): scores[lr] for lr in extended if lr in scores},

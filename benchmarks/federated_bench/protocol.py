@@ -61,6 +61,7 @@ SELECTION_RULE = (
     f"are ties -> smaller lr; failed runs never win; a winner at an edge of the grid adds the next rate beyond it "
     f"(up to {GRID_EXTENSIONS} per side)"
 )
+NO_SELECTION_RULE = "single-value grid: no selection runs"  # the lr is fixed, nothing to choose
 
 # Settings of one run that define what is measured. Two files with different values here are not comparable, so a
 # complete run file is reused only if they match (threads, paths and which runs to do are not part of it).

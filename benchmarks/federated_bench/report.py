@@ -23,6 +23,7 @@ from .protocol import (
     GRID_EXTENSIONS,
     LANGUAGE_KEYS,
     METHODS,
+    NO_SELECTION_RULE,
     ROUNDS_FRACTION,
     SELECTION_RULE,
     TAIL_ROUNDS,
@@ -115,7 +116,7 @@ def method_row(method: str, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
     if grid:
         chosen, grid, missing = resolve_selection(grid, scores)
     if len(grid) == 1:
-        rule = "single-value grid: no selection runs"
+        rule = NO_SELECTION_RULE
     elif chosen is not None:
         rule = SELECTION_RULE
     else:
