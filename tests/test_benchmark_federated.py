@@ -302,7 +302,8 @@ def restore_threads():
 
 
 def test_no_plots_for_a_scenario_with_only_select_runs(reporting, tmp_path):
-    """An alpha whose selection is under way has no final runs yet: the report draws no (empty) figures for it."""
+    """An alpha whose selection is under way has no final runs yet: the report draws no (empty) figures for it and
+    leaves its table row blank."""
     runs = [
         fake_run("c2a", 0, [0.5], 0.5, 200, lr=lr, phase="select", grid=(1e-3, 3e-3), criterion=score)
         for lr, score in ((1e-3, 0.5), (3e-3, 0.7), (1e-2, 0.4))
@@ -310,6 +311,11 @@ def test_no_plots_for_a_scenario_with_only_select_runs(reporting, tmp_path):
     summary = reporting.aggregate(runs)
     assert summary["scenarios"][0]["methods"]["c2a"]["chosen_lr"] == pytest.approx(3e-3)
     assert reporting.write_plots(summary, tmp_path / "plots") == []
+    # its table row has no measured figures, and "rounds to 95%" is blank, not "not reached"
+    summary.update({"command": "x", "environment": {"date_utc": "now"}, "hardware": [], "settings": {}})
+    summary["targets"] = reporting.check_targets(summary)
+    row = next(line for line in reporting.markdown(summary).splitlines() if line.startswith("| c2a | 0.003 |"))
+    assert "not reached" not in row and row.count("| – |") >= 5
 
 
 def test_report_follows_the_grid_extension(reporting):

@@ -278,6 +278,8 @@ def _pm(stat: Mapping[str, Any], digits: int = 3) -> str:
 
 
 def _rounds_cell(row: Mapping[str, Any]) -> str:
+    if not row["seeds"]:
+        return "–"  # no final runs yet: nothing was measured, so nothing was "not reached"
     per_seed = row["rounds_to_95_per_seed"]
     seeds = ", ".join("–" if r is None else str(r) for r in per_seed)
     headline = "not reached" if row["rounds_to_95"] is None else str(row["rounds_to_95"])
