@@ -115,25 +115,28 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.federated_ben
 from benchmarks.federated_bench import report as reporting  # noqa: E402
 from benchmarks.federated_bench import worker  # noqa: E402
 from benchmarks.federated_bench.protocol import (  # noqa: E402
+    DEFAULT_METHODS,
     LANGUAGE_KEYS,
     METHODS,
+    MODEL_FREE,
     NO_SELECTION_RULE,
     PHASES,
     PROTOCOL_KEYS,
     SCENARIOS,
-    SELECTION_RULE,
+    SETTING_DEFAULTS,
     RunSpec,
     fmt_number,
     protocol_mismatch,
     read_run,
     resolve_selection,
+    selection_rule,
 )
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "federated"
 QUICK = dict(
     scenarios=["label_skew"],
     alphas=[0.1],
-    methods=list(METHODS),
+    methods=list(DEFAULT_METHODS),
     lrs=[3e-3],
     seeds=[0],
     selection_seed=0,
@@ -178,7 +181,8 @@ def selection_state(
     scores: dict[float, Optional[float]] = {}
     absent: set[float] = set()
     while True:  # read the runs the rule asks for until it decides or waits for runs not on disk
-        chosen, extended, missing = resolve_selection(grid, scores)
+        margin = {**SETTING_DEFAULTS, **template.settings}["selection_tie_margin"]
+        chosen, extended, missing = resolve_selection(grid, scores, margin=margin)
         unread = [lr for lr in missing if lr not in absent]
         if not unread:
             break
@@ -192,7 +196,7 @@ def selection_state(
             else:
                 scores[lr] = document["derived"].get("criterion", {}).get("value")
     record = {
-        "rule": SELECTION_RULE if len(extended) > 1 else NO_SELECTION_RULE,
+        "rule": selection_rule(template.settings) if len(extended) > 1 else NO_SELECTION_RULE,
         "grid": extended,
         "selection_seed": template.settings["selection_seed"],
         "scores": {fmt_number(lr): scores[lr] for lr in extended if lr in scores},
@@ -210,21 +214,22 @@ def plan(args: argparse.Namespace, phase: str) -> list[RunSpec]:
         settings = protocol_settings(args, scenario)
         for alpha in scenario_alphas(args, scenario):
             for method in args.methods:
+                lrs = [0.0] if method in MODEL_FREE else [float(lr) for lr in args.lrs]
                 base = RunSpec(
                     scenario=scenario,
                     alpha=float(alpha),
                     method=method,
                     phase=phase,
-                    lr=float(args.lrs[0]),
+                    lr=lrs[0],
                     seed=args.selection_seed,
                     settings=settings,
-                    lr_grid=[float(lr) for lr in args.lrs],
+                    lr_grid=lrs,
                     threads=args.threads,
                     command=" ".join([Path(sys.executable).name, *sys.argv]),
                 )
                 if phase == "select":
-                    if len(args.lrs) > 1:
-                        specs += [RunSpec(**{**asdict(base), "lr": float(lr)}) for lr in args.lrs]
+                    if len(lrs) > 1:
+                        specs += [RunSpec(**{**asdict(base), "lr": lr}) for lr in lrs]
                 else:
                     specs += [RunSpec(**{**asdict(base), "seed": int(seed)}) for seed in args.seeds]
     return specs
@@ -436,7 +441,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     run.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     run.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.5, 5.0], help="label_skew Dirichlet alphas")
     run.add_argument("--language_alpha", type=float, default=0.5, help="Dirichlet alpha inside each language")
-    run.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    run.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS))
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the final runs")
     run.add_argument(
         "--lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], help="learning-rate grid"
@@ -462,6 +467,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     protocol.add_argument("--min_client_size", type=int, default=8)
     protocol.add_argument("--bottleneck_dim", type=int, default=16, help="r of C2A and the bottleneck adapters")
     protocol.add_argument("--lora_r", type=int, default=8)
+    protocol.add_argument(
+        "--selection_rounds", type=int, default=1, help="lr criterion: validation mean over the last N rounds"
+    )
+    protocol.add_argument(
+        "--selection_tie_margin", type=float, default=0.01, help="lr criterion: scores this close to the best tie"
+    )
     protocol.add_argument("--proximal_mu", type=float, default=0.01, help="FedProx strength (fedprox_lora)")
     protocol.add_argument("--lr_scheduler", default="constant")
     protocol.add_argument("--weight_decay", type=float, default=0.0)

@@ -48,6 +48,7 @@ from peft_c2a.federated import (  # noqa: E402
     client_datasets_from_partitions,
     dirichlet_label_partition,
     group_dirichlet_partition,
+    grouped_partition_like,
     label_counts,
     partition_like,
     plot_label_heatmap,
@@ -92,6 +93,18 @@ class ScriptArguments:
     test_size: float = field(default=0.2, metadata={"help": "Test fraction when the data has no test split."})
     peft_method: str = field(default="c2a", metadata={"help": "Adapter to federate.", "choices": list(PEFT_METHODS)})
     bottleneck_dim: int = field(default=16, metadata={"help": "Bottleneck size r of C2A / bottleneck adapters."})
+    c2a_use_context: bool = field(default=True, metadata={"help": "C2A: condition adapters on each input (context)."})
+    c2a_use_label_term: bool = field(
+        default=True, metadata={"help": "C2A: condition adapters on the client's label distribution (label term)."}
+    )
+    c2a_logit_adjustment: float = field(
+        default=1.0, metadata={"help": "C2A: weight of log(label prior) added to the logits; 0 turns it off."}
+    )
+    c2a_client_embed_dim: int = field(default=8, metadata={"help": "C2A: client embedding size k."})
+    c2a_hyper_latent_dim: int = field(default=32, metadata={"help": "C2A: hypernetwork factorisation width m."})
+    c2a_client_embeddings: bool = field(
+        default=False, metadata={"help": "C2A: a learned embedding per client (kept on the client, never averaged)."}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (query/value)."})
     num_clients: int = field(default=20, metadata={"help": "Number of clients."})
     dirichlet_alpha: float = field(default=0.1, metadata={"help": "Dirichlet label-skew concentration."})
@@ -132,10 +145,13 @@ def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
     return data
 
 
-def build_model(script: ScriptArguments, num_labels: int, seed: int) -> torch.nn.Module:
+def build_model(
+    script: ScriptArguments, num_labels: int, seed: int, num_clients: Optional[int] = None
+) -> torch.nn.Module:
     """The backbone with the chosen PEFT method (`head`: a frozen backbone with a trainable classifier).
 
     Seeded: the new classification head and the adapters are initialised from `seed`, so a run is reproducible.
+    `num_clients` sizes C2A's per-client embedding when `script.c2a_client_embeddings` is set.
     """
     set_seed(seed)
     path = script.model_name_or_path or str(minilm_path())
@@ -150,14 +166,56 @@ def build_model(script: ScriptArguments, num_labels: int, seed: int) -> torch.nn
             param.requires_grad = True
         return base
     if script.peft_method == "c2a":
+        if script.c2a_client_embeddings and not num_clients:
+            raise ValueError("--c2a_client_embeddings needs the number of clients.")
         config = peft_c2a.C2AConfig(
-            task_type="SEQ_CLS", num_labels=num_labels, bottleneck_dim=script.bottleneck_dim, init_seed=seed
+            task_type="SEQ_CLS",
+            num_labels=num_labels,
+            bottleneck_dim=script.bottleneck_dim,
+            client_embed_dim=script.c2a_client_embed_dim,
+            hyper_latent_dim=script.c2a_hyper_latent_dim,
+            use_context=script.c2a_use_context,
+            use_label_term=script.c2a_use_label_term,
+            logit_adjustment=script.c2a_logit_adjustment,
+            num_clients=num_clients if script.c2a_client_embeddings else None,
+            init_seed=seed,
         )
     elif script.peft_method == "bottleneck":
         config = peft_c2a.BottleneckAdapterConfig(task_type="SEQ_CLS", bottleneck_dim=script.bottleneck_dim)
     else:
         config = LoraConfig(task_type="SEQ_CLS", r=script.lora_r, lora_alpha=2 * script.lora_r)
     return get_peft_model(base, config)
+
+
+def split_clients(
+    script: ScriptArguments, data: DatasetDict, num_labels: int, seed: int
+) -> tuple[list[np.ndarray], list[str], np.ndarray, list[np.ndarray]]:
+    """Clients of the training split and their personal test splits: `(parts, names, label counts, test parts)`.
+
+    Dirichlet label skew over `num_clients` clients, or, with `--group_column`, clients of one group each with
+    Dirichlet labels inside it. A client's test split follows its training label mix, drawn from its own group.
+    """
+    train_labels = np.asarray(list(data["train"][script.label_column]))
+    test_labels = np.asarray(list(data["test"][script.label_column]))
+    if script.group_column:
+        groups = list(data["train"][script.group_column])
+        per_group = max(1, script.num_clients // len(set(groups)))
+        parts, names = group_dirichlet_partition(
+            train_labels, groups, per_group, script.dirichlet_alpha, script.min_client_size, seed, num_labels
+        )
+    else:
+        parts = dirichlet_label_partition(
+            train_labels, script.num_clients, script.dirichlet_alpha, script.min_client_size, seed, num_labels
+        )
+        names = [f"client-{i:02d}" for i in range(len(parts))]
+    counts = label_counts(parts, train_labels, num_labels)
+    if script.group_column:
+        client_groups = [groups[int(part[0])] for part in parts]
+        test_groups = list(data["test"][script.group_column])
+        test_parts = grouped_partition_like(test_labels, test_groups, counts, client_groups, seed=seed)
+    else:
+        test_parts = partition_like(test_labels, counts, seed=seed)
+    return parts, names, counts, test_parts
 
 
 def main(argv: Optional[list[str]] = None) -> FederatedTrainer:
@@ -170,22 +228,7 @@ def main(argv: Optional[list[str]] = None) -> FederatedTrainer:
     data = load_data(script, args.seed)
     label_names = data["train"].features[script.label_column].names
     num_labels = len(label_names)
-    train_labels = np.asarray(list(data["train"][script.label_column]))
-    test_labels = np.asarray(list(data["test"][script.label_column]))
-    if script.group_column:
-        groups = list(data["train"][script.group_column])
-        per_group = max(1, script.num_clients // len(set(groups)))
-        parts, names = group_dirichlet_partition(
-            train_labels, groups, per_group, script.dirichlet_alpha, script.min_client_size, args.seed, num_labels
-        )
-    else:
-        parts = dirichlet_label_partition(
-            train_labels, script.num_clients, script.dirichlet_alpha, script.min_client_size, args.seed, num_labels
-        )
-        names = [f"client-{i:02d}" for i in range(len(parts))]
-    counts = label_counts(parts, train_labels, num_labels)
-    # each client's own test set follows its training label mix (personalised evaluation)
-    test_parts = partition_like(test_labels, counts, seed=args.seed)
+    parts, names, counts, test_parts = split_clients(script, data, num_labels, args.seed)
 
     path = script.model_name_or_path or str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -204,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> FederatedTrainer:
     num_unseen = int(round(script.unseen_client_fraction * len(names)))
     unseen = sorted(rng.choice(names, size=num_unseen, replace=False).tolist()) if num_unseen else []
 
-    model = build_model(script, num_labels, args.seed)
+    model = build_model(script, num_labels, args.seed, num_clients=len(names))
     trainer = FederatedTrainer(
         model=model,
         args=args,
@@ -238,25 +281,30 @@ def main(argv: Optional[list[str]] = None) -> FederatedTrainer:
 
 
 def print_summary(trainer: FederatedTrainer, counts: np.ndarray, names: list[str], label_names: list[str]) -> None:
-    """The final per-client table and the headline figures."""
+    """The final per-client table beside the prior-only guess, and the headline figures."""
     last = trainer.history[-1]
     rows = {**last.get("eval_clients", {}), **last.get("eval_unseen_clients", {})}
-    print(f"\n{'client':<12} {'role':<7} {'train':>5} {'main label':>16} {'test':>5} {'accuracy':>9} {'macro-F1':>9}")
+    print(
+        f"\n{'client':<12} {'role':<7} {'train':>5} {'main label':>16} {'test':>5} {'accuracy':>9} {'prior-only':>10} "
+        f"{'macro-F1':>9}"
+    )
     for name, count in zip(names, counts, strict=True):
         scores = rows.get(name, {})
         role = "unseen" if name in trainer.unseen_clients else "train"
         top = f"{label_names[int(np.argmax(count))]} {count.max() / count.sum():.0%}"
-        accuracy = f"{scores['accuracy']:.3f}" if "accuracy" in scores else "-"
+        cells = [f"{scores[key]:.3f}" if key in scores else "-" for key in ("accuracy", "prior_only_accuracy")]
         macro_f1 = f"{scores['macro_f1']:.3f}" if "macro_f1" in scores else "-"
         print(
             f"{name:<12} {role:<7} {int(count.sum()):>5} {top:>16} {scores.get('num_examples', 0):>5} "
-            f"{accuracy:>9} {macro_f1:>9}"
+            f"{cells[0]:>9} {cells[1]:>10} {macro_f1:>9}"
         )
     figures = [
         ("global accuracy (uniform descriptor)", "eval_global_accuracy"),
         ("personalised accuracy, mean", "eval_personalized_mean_accuracy"),
+        ("prior-only guess, personalised mean", "eval_personalized_mean_prior_only_accuracy"),
         ("personalised accuracy, worst client", "eval_personalized_worst_accuracy"),
         ("unseen clients accuracy, mean", "eval_unseen_mean_accuracy"),
+        ("prior-only guess, unseen clients mean", "eval_unseen_mean_prior_only_accuracy"),
         ("bytes uploaded per client per round", "bytes_up_per_client"),
     ]
     print()
@@ -264,6 +312,15 @@ def print_summary(trainer: FederatedTrainer, counts: np.ndarray, names: list[str
         if key in last:
             value = last[key]
             print(f"{label:<40} {value:,}" if isinstance(value, int) else f"{label:<40} {value:.4f}")
+    model_mean = last.get("eval_personalized_mean_accuracy")
+    prior_mean = last.get("eval_personalized_mean_prior_only_accuracy")
+    if model_mean is not None and prior_mean is not None:
+        gap = 100 * (model_mean - prior_mean)
+        verdict = "beats" if gap > 0 else "does NOT beat"
+        print(
+            f"the model {verdict} the prior-only guess (each client predicting its majority training label) on the "
+            f"personalised mean, by {gap:+.1f} points"
+        )
     print(f"{'wall time (s)':<40} {last['wall_time']:.0f}")
     print(f"outputs in {trainer.args.output_dir}: history.json, history.csv, accuracy.png, round-*/, adapter")
 

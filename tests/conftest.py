@@ -52,3 +52,18 @@ def batch() -> dict[str, torch.Tensor]:
     attention_mask[3, 4:] = 0
     input_ids[attention_mask == 0] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def activate_up_path(hyper, scale: float = 1.0, seed: int = 0) -> None:
+    """Give a C2A hypernetwork a non-zero up generator (it starts at zero: identity), as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        hyper.up_basis.copy_(scale * torch.randn(hyper.up_basis.shape, generator=generator))
+
+
+def without_logit_adjustment(model, logits: torch.Tensor) -> torch.Tensor:
+    """`logits` of a C2A model's last forward less what its logit adjustment added (the adapters' own effect)."""
+    offsets = model.base_model._c2a_runtime.logit_offsets if hasattr(model.base_model, "_c2a_runtime") else None
+    if offsets is None:
+        return logits
+    return logits - (offsets.unsqueeze(1) if logits.dim() == 3 else offsets)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "federated.py"
-ALL_METHODS = ["c2a", "bottleneck", "lora", "fedprox_lora", "head", "local", "centralized"]
+ALL_METHODS = ["c2a", "bottleneck", "lora", "fedprox_lora", "head", "local", "centralized", "prior_only"]
+TRAINED_METHODS = ALL_METHODS[:-1]
 
 
 def load_benchmark():
@@ -149,19 +150,6 @@ def test_choose_unseen(worker):
     assert len(unseen) == 4 and len({name.split("-")[0] for name in unseen}) == 4
 
 
-def test_grouped_partition_like_stays_inside_each_group(worker):
-    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2] * 5)
-    groups = np.array(["a"] * 30 + ["b"] * 30)
-    counts = np.array([[5, 0, 1], [0, 4, 4], [3, 3, 0], [1, 1, 1]])
-    client_groups = ["a", "a", "b", "b"]
-    parts = worker.grouped_partition_like(labels, groups, counts, client_groups, seed=0)
-    for part, group, count in zip(parts, client_groups, counts, strict=True):
-        assert set(groups[part]) <= {group}
-        assert set(labels[part]) <= set(np.flatnonzero(count))  # a client only gets labels it trains on
-    flat = np.concatenate(parts)
-    assert len(flat) == len(set(flat.tolist()))
-
-
 def test_paths_and_numbers(proto):
     assert proto.fmt_number(0.1) == "0.1" and proto.fmt_number(5.0) == "5" and proto.fmt_number(3e-4) == "0.0003"
     spec = proto.RunSpec("label_skew", 0.1, "c2a", "final", 3e-4, 2, settings={})
@@ -190,6 +178,35 @@ def test_quick_preset_keeps_explicit_flags(bench):
         and default.alphas == [0.1, 0.5, 5.0]
         and default.seeds == [0, 1, 2]
     )
+
+
+def test_selection_over_the_last_rounds_and_settings_of_older_files(proto, worker, bench):
+    history = [
+        {"round": r, "eval_personalized_mean_accuracy": a, "local_steps": 5, "train_time": 1.0}
+        for r, a in enumerate([0.2, 0.5, 0.6, 0.7, 0.95], start=1)
+    ]
+    assert worker.derive(history, "select")["criterion"]["value"] == pytest.approx(0.95)
+    assert worker.derive(history, "select", selection_rounds=3)["criterion"]["value"] == pytest.approx(0.75)
+    # a tie margin of 0 picks the best score; the default 1 point sends near-ties to the smaller lr
+    scores = {1e-3: 0.78, 3e-3: 0.80, 1e-2: 0.805, 3e-2: 0.70}
+    assert proto.resolve_selection(list(scores), scores)[0] == 3e-3
+    assert proto.resolve_selection(list(scores), scores, margin=0.0)[0] == 1e-2
+    # run files written before these settings existed were run with their defaults
+    args = bench.parse_args(["--quick"])
+    spec = bench.plan(args, "final")[0]
+    old = {"config": {"settings": {k: v for k, v in spec.settings.items() if k not in proto.SETTING_DEFAULTS}}}
+    assert proto.protocol_mismatch(old, spec) == {}
+    spec.settings["selection_rounds"] = 3
+    assert proto.protocol_mismatch(old, spec) == {"selection_rounds": (1, 3)}
+    assert "last 3 rounds" in proto.selection_rule(spec.settings)
+
+
+def test_model_free_methods_need_no_selection(bench):
+    args = bench.parse_args(["--quick", "--methods", "prior_only", "c2a_no_logit", "--lrs", "0.001", "0.003"])
+    selects = bench.plan(args, "select")
+    assert {spec.method for spec in selects} == {"c2a_no_logit"} and len(selects) == 2
+    finals = {spec.method: spec for spec in bench.plan(args, "final")}
+    assert finals["prior_only"].lr_grid == [0.0] and finals["c2a_no_logit"].lr_grid == [0.001, 0.003]
 
 
 # ---------------------------------------------------------------------------------------------------- report logic
@@ -413,7 +430,7 @@ def test_quick_preset_end_to_end_and_resume(bench, tmp_path, monkeypatch, restor
     assert bench.main(["--quick", "--output_dir", str(out), "--no_report"]) == 0
 
     files = {}
-    for method in ALL_METHODS:
+    for method in TRAINED_METHODS:
         path = out / "runs" / "label_skew" / "alpha-0.1" / method / "final" / "lr-0.003" / "seed-0.json"
         assert path.is_file(), method
         files[method] = path
@@ -433,17 +450,35 @@ def test_quick_preset_end_to_end_and_resume(bench, tmp_path, monkeypatch, restor
     assert local["config"]["method_definition"]["peft_method"] == "bottleneck"
     centralized = json.loads(files["centralized"].read_text())
     assert centralized["config"]["local_max_steps"] == 4 * 2  # clients_per_round x local_steps
+    # the prior-only guess trains nothing: no learning rate, one record, the majority-label accuracies
+    files["prior_only"] = out / "runs" / "label_skew" / "alpha-0.1" / "prior_only" / "final" / "lr-0" / "seed-0.json"
+    prior = json.loads(files["prior_only"].read_text())
+    assert prior["status"] == "ok" and [record["round"] for record in prior["history"]] == [2]
+    record = prior["history"][0]
+    for name, scores in record["eval_clients"].items():
+        counts = prior["config"]["clients"][name]["label_counts"]
+        assert scores["accuracy"] == scores["prior_only_accuracy"], name
+        assert 0.0 <= scores["accuracy"] <= 1.0 and sum(counts) > 0
+    assert (
+        prior["derived"]["bytes_up_per_client_per_round"] == 0 and prior["derived"]["trainable_params_with_head"] == 0
+    )
+    c2a = json.loads(files["c2a"].read_text())
+    assert record["eval_personalized_mean_accuracy"] == pytest.approx(
+        c2a["history"][-1]["eval_personalized_mean_prior_only_accuracy"]
+    )  # the trained methods report the same guess beside their own scores
 
     # the report over the directory: one row per method, each with its chosen lr
     assert bench.main(["--report", "--output_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["scenarios"][0]["methods"]
     assert list(rows) == ALL_METHODS
-    assert all(row["chosen_lr"] == pytest.approx(3e-3) for row in rows.values())
+    assert all(row["chosen_lr"] == pytest.approx(0.0 if m == "prior_only" else 3e-3) for m, row in rows.items())
     with (out / "summary.csv").open() as handle:
         table = list(csv.DictReader(handle))
     assert [row["method"] for row in table] == ALL_METHODS
-    assert all(float(row["chosen_lr"]) == pytest.approx(3e-3) for row in table)
+    assert all(
+        float(row["chosen_lr"]) == pytest.approx(0.0 if row["method"] == "prior_only" else 3e-3) for row in table
+    )
     assert any(line.startswith(("PASS", "FAIL")) and "bytes" in line for line in summary["targets"])
     assert "## label_skew, alpha = 0.1" in (out / "summary.md").read_text()
     for name in ("accuracy", "worst_client", "clients"):

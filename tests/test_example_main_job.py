@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -42,6 +43,9 @@ def test_main_job_writes_history_checkpoint_and_adapter(script, tmp_path, capsys
     trainer = script.main(["--output_dir", str(out), "--num_clients", "10", "--clients_per_round", "3", *SMALL])
     printed = capsys.readouterr().out
     assert "unseen" in printed and "personalised accuracy, worst client" in printed
+    # the final table sets the model beside the prior-only guess, per client and on the mean, and says which wins
+    assert "prior-only" in printed and "prior-only guess, personalised mean" in printed
+    assert "beat the prior-only guess" in printed or "beats the prior-only guess" in printed
 
     history = json.loads((out / "history.json").read_text())
     assert [record["round"] for record in history] == [1]
@@ -134,3 +138,49 @@ def test_main_job_is_reproducible(script, tmp_path):
         states.append(load_file(str(out / "round-1" / "trainable_state.safetensors")))
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+
+
+def test_group_clients_get_test_splits_of_their_own_group(script):
+    """With --group_column, a client's personal test split comes from its own group (language) only."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    def split(size: int, seed: int) -> Dataset:
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 3, (size,), generator=generator).tolist()
+        languages = ["de" if i % 2 else "fr" for i in range(size)]
+        features = Features({"text": Value("string"), "label": ClassLabel(num_classes=3), "language": Value("string")})
+        return Dataset.from_dict(
+            {"text": [f"t{i}" for i in range(size)], "label": labels, "language": languages}, features=features
+        )
+
+    data = DatasetDict({"train": split(240, 0), "test": split(120, 1)})
+    arguments = script.ScriptArguments(group_column="language", num_clients=6, dirichlet_alpha=0.5, min_client_size=4)
+    parts, names, counts, test_parts = script.split_clients(arguments, data, 3, seed=0)
+    assert len(parts) == len(names) == len(test_parts) == 6
+    train_languages, test_languages = data["train"]["language"], data["test"]["language"]
+    for name, part, test_part, count in zip(names, parts, test_parts, counts, strict=True):
+        language = {train_languages[int(i)] for i in part}
+        assert len(language) == 1 and name.startswith(language.pop()[:2])
+        assert test_part.size and {test_languages[int(i)] for i in test_part} == {train_languages[int(part[0])]}
+        assert set(np.asarray(data["test"]["label"])[test_part]) <= set(np.flatnonzero(count))
+
+
+def test_every_c2a_switch_is_a_flag(script):
+    """The ablations run from the command line: each C2A switch reaches the adapter's config."""
+    from transformers import HfArgumentParser
+
+    flags = [
+        "--c2a_use_context", "false", "--c2a_use_label_term", "false", "--c2a_logit_adjustment", "0.5",
+        "--c2a_client_embed_dim", "4", "--c2a_hyper_latent_dim", "16", "--c2a_client_embeddings", "true",
+        "--bottleneck_dim", "8",
+    ]  # fmt: skip
+    (arguments,) = HfArgumentParser(script.ScriptArguments).parse_args_into_dataclasses(args=flags)
+    model = script.build_model(arguments, num_labels=5, seed=0, num_clients=7)
+    config = model.peft_config["default"]
+    assert (config.use_context, config.use_label_term, config.logit_adjustment) == (False, False, 0.5)
+    assert (config.client_embed_dim, config.hyper_latent_dim, config.num_clients, config.bottleneck_dim) == (
+        4,
+        16,
+        7,
+        8,
+    )

@@ -133,18 +133,21 @@ class SpyTrainer(FederatedTrainer):
 
 def test_c2a_federation_learns(tmp_path):
     clients, eval_clients = skewed_clients()
-    trainer = build(tmp_path, clients, eval_clients, num_rounds=4, learning_rate=1e-2, local_max_steps=1)
+    trainer = build(tmp_path, clients, eval_clients, num_rounds=6, learning_rate=2e-2, local_max_steps=3)
     trainer.global_state = trainer.get_trainable_state()
-    untrained = trainer.evaluate_federation()["eval_personalized_mean_accuracy"]
+    untrained = trainer.evaluate_federation()
     output = trainer.train()
 
     accuracies = [record["eval_personalized_mean_accuracy"] for record in trainer.history]
     losses = [record["train_loss"] for record in trainer.history]
+    # the logit adjustment gives an untrained C2A model the prior-only guess (each client's majority label); the
+    # federation must learn beyond it
+    prior_only = untrained["eval_personalized_mean_prior_only_accuracy"]
+    assert untrained["eval_personalized_mean_accuracy"] == pytest.approx(prior_only)
     assert accuracies[-1] > accuracies[0]
-    assert accuracies[-1] > untrained
-    assert accuracies[-1] >= 0.9 > 1 / NUM_LABELS
+    assert accuracies[-1] >= 0.9 > prior_only > 1 / NUM_LABELS
     assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
-    assert output.global_step == 4
+    assert output.global_step == 6
     assert output.training_loss == pytest.approx(float(np.mean(losses)))
 
 
@@ -727,3 +730,32 @@ def test_wrong_argument_types_and_passed_optimizer_with_reset(tmp_path):
     trainer = build(tmp_path, clients, model=model)
     with pytest.raises(TypeError, match="Unexpected"):
         trainer.train(model_path="x")
+
+
+# ---- the prior-only guess ------------------------------------------------------------------------------------------
+
+
+def test_prior_only_accuracy_is_the_majority_training_label_guess():
+    from peft_c2a.federated import prior_only_accuracy
+
+    assert prior_only_accuracy(np.array([1, 5, 2]), np.array([1, 1, 0, 2, -100])) == pytest.approx(0.5)
+    assert prior_only_accuracy(np.array([3, 3, 0]), np.array([0, 1])) == pytest.approx(0.5)  # tie: smallest id
+    assert math.isnan(prior_only_accuracy(np.array([1, 0]), np.array([-100])))
+
+
+@pytest.mark.parametrize("method", ["c2a", "lora"])
+def test_every_evaluation_reports_the_prior_only_guess(tmp_path, method):
+    clients, eval_clients = skewed_clients()
+    trainer = build(tmp_path, clients, eval_clients, method=method, unseen_clients=["client-3"])
+    trainer.train()
+    record = trainer.history[-1]
+    expected = {}
+    for name, dataset in eval_clients.items():
+        majority = np.bincount(np.asarray(clients[name]["labels"]), minlength=NUM_LABELS).argmax()
+        expected[name] = float(np.mean(np.asarray(dataset["labels"]) == majority))
+    for name in ("client-0", "client-1", "client-2"):
+        assert record["eval_clients"][name]["prior_only_accuracy"] == pytest.approx(expected[name])
+    assert record["eval_unseen_clients"]["client-3"]["prior_only_accuracy"] == pytest.approx(expected["client-3"])
+    mean = np.mean([expected[name] for name in ("client-0", "client-1", "client-2")])
+    assert record["eval_personalized_mean_prior_only_accuracy"] == pytest.approx(mean)
+    assert record["eval_unseen_mean_prior_only_accuracy"] == pytest.approx(expected["client-3"])

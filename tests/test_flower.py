@@ -88,6 +88,8 @@ def test_simulation_equals_federated_trainer(flower_run, trainer_run):
     output_dir, sink = flower_run
     strategy: FederatedStrategy = sink["strategy"]
     assert strategy.training_clients == sorted(trainer_run.clients)
+    # the client-id embedding stays on the nodes, as it stays with the trainer's clients
+    assert not [key for key in strategy.global_state if key.endswith("client_embedding")]
     assert_states_close(strategy.global_state, trainer_run.global_state)
     for flower_record, trainer_record in zip(strategy.history, trainer_run.history, strict=True):
         assert flower_record["sampled_clients"] == trainer_record["sampled_clients"]

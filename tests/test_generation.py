@@ -9,6 +9,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from peft_c2a import C2AConfig
 
+from .conftest import activate_up_path
+
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
@@ -22,7 +24,7 @@ def tiny_gpt2_c2a(peft_model_cls=None, **config):
         get_peft_model(tiny_gpt2(), c2a_config) if peft_model_cls is None else peft_model_cls(tiny_gpt2(), c2a_config)
     )
     with torch.no_grad():
-        model.base_model.c2a_hypernet["default"].up_gain.fill_(0.5)
+        activate_up_path(model.base_model.c2a_hypernet["default"])
     return model.eval()
 
 
@@ -125,7 +127,7 @@ def test_seq2seq_generate_conditions_the_encoder_too():
         C2AConfig(task_type="SEQ_2_SEQ_LM", num_clients=3, bottleneck_dim=4, init_seed=0),
     ).eval()
     with torch.no_grad():
-        model.base_model.c2a_hypernet["default"].up_gain.fill_(0.5)
+        activate_up_path(model.base_model.c2a_hypernet["default"])
         model.base_model.c2a_hypernet["default"].client_embedding.mul_(5.0)
     input_ids, attention_mask = prompt()
     client_ids = torch.tensor([1, 2])

@@ -14,6 +14,7 @@ from peft_c2a.federated.partitioning import (
     client_datasets_from_partitions,
     dirichlet_label_partition,
     group_dirichlet_partition,
+    grouped_partition_like,
     iid_partition,
     label_counts,
     partition_like,
@@ -455,3 +456,16 @@ def test_utility_errors(tmp_path):
         plot_label_heatmap(np.ones((2, 3)), tmp_path / "x.png", label_names=["a"])
     with pytest.raises(ValueError, match="2-D"):
         plot_label_heatmap(np.ones(3), tmp_path / "x.png")
+
+
+def test_grouped_partition_like_stays_inside_each_group():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2] * 5)
+    groups = np.array(["a"] * 30 + ["b"] * 30)
+    counts = np.array([[5, 0, 1], [0, 4, 4], [3, 3, 0], [1, 1, 1]])
+    client_groups = ["a", "a", "b", "b"]
+    parts = grouped_partition_like(labels, groups, counts, client_groups, seed=0)
+    for part, group, count in zip(parts, client_groups, counts, strict=True):
+        assert set(groups[part]) <= {group}
+        assert set(labels[part]) <= set(np.flatnonzero(count))  # a client only gets labels it trains on
+    flat = np.concatenate(parts)
+    assert len(flat) == len(set(flat.tolist()))

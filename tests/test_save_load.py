@@ -47,7 +47,7 @@ def test_save_writes_safetensors_config_and_card(trained_c2a, tmp_path):
     hyper_keys = [k for k in tensors if "c2a_hypernet" in k]
     # the shared hypernetwork is saved once, without the adapter name
     assert hyper_keys and all(k.startswith("base_model.c2a_hypernet.") and ".default." not in k for k in hyper_keys)
-    assert len([k for k in tensors if k.endswith("up_gain")]) == 1
+    assert len([k for k in tensors if k.endswith("up_basis")]) == 1
     assert not any("LayerNorm" in k or "base_layer" in k for k in tensors)
 
 
@@ -159,7 +159,7 @@ def test_bf16_autocast_on_cpu(trained_c2a, batch):
     out.loss.backward()
     assert torch.isfinite(out.loss)
     hyper = model.base_model.c2a_hypernet["default"]
-    assert hyper.up_gain.grad is not None and hyper.up_gain.grad.dtype == torch.float32
+    assert hyper.up_basis.grad is not None and hyper.up_basis.grad.dtype == torch.float32
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(**batch, **descriptor).logits
@@ -205,7 +205,7 @@ def test_push_to_hub_goes_through_peft_and_uploads_the_adapter(trained_c2a, monk
 
     uploaded = load(sent["files"]["adapter_model.safetensors"])
     hyper = model.base_model.c2a_hypernet["default"]
-    assert torch.equal(uploaded["base_model.c2a_hypernet.up_gain"], hyper.up_gain.detach())
+    assert torch.equal(uploaded["base_model.c2a_hypernet.up_basis"], hyper.up_basis.detach())
 
 
 @pytest.mark.slow

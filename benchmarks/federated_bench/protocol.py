@@ -30,10 +30,11 @@ RUN_FORMAT = 1
 class Method:
     """How a benchmark method maps onto the example's model builder and the trainer's arguments."""
 
-    peft_method: str  # the example's --peft_method: c2a, bottleneck, lora, head
+    peft_method: str  # the example's --peft_method: c2a, bottleneck, lora, head (none: no model)
     aggregation: str
     federation_mode: str
     description: str
+    script_options: tuple[tuple[str, Any], ...] = ()  # further fields of the example's ScriptArguments (C2A ablations)
 
 
 METHODS: dict[str, Method] = {
@@ -44,8 +45,32 @@ METHODS: dict[str, Method] = {
     "head": Method("head", "fedavg", "federated", "FedAvg + classifier head only"),
     "local": Method("bottleneck", "fedavg", "local", "local-only bottleneck adapters, one model per client"),
     "centralized": Method("c2a", "fedavg", "centralized", "C2A on all training data pooled (upper bound)"),
+    "prior_only": Method(
+        "none", "none", "none", "model-free guess: each client predicts its majority training label (no training)"
+    ),
+    # ablations of C2A: one part of the method switched off (or on), all else equal
+    "c2a_no_context": Method(
+        "c2a", "fedavg", "federated", "C2A without the context term", (("c2a_use_context", False),)
+    ),
+    "c2a_no_label": Method(
+        "c2a",
+        "fedavg",
+        "federated",
+        "C2A without the label term (logit adjustment kept)",
+        (("c2a_use_label_term", False),),
+    ),
+    "c2a_no_logit": Method(
+        "c2a", "fedavg", "federated", "C2A without the logit adjustment", (("c2a_logit_adjustment", 0.0),)
+    ),
+    "c2a_client_id": Method(
+        "c2a", "fedavg", "federated", "C2A with a per-client embedding", (("c2a_client_embeddings", True),)
+    ),
 }
-BASELINES = ("bottleneck", "lora", "fedprox_lora", "head", "local")  # what C2A must beat; centralized is a bound
+MODEL_FREE = ("prior_only",)  # methods that train nothing: no learning rate, no selection
+# what C2A must beat (the prior-only guess included: a personalised win means beating it); centralized is a bound
+BASELINES = ("bottleneck", "lora", "fedprox_lora", "head", "local", "prior_only")
+# the comparison a benchmark runs unless told otherwise; the C2A ablations are chosen with --methods
+DEFAULT_METHODS = ("c2a", "bottleneck", "lora", "fedprox_lora", "head", "local", "centralized", "prior_only")
 UPPER_BOUNDS = ("centralized",)
 SCENARIOS = ("label_skew", "language_skew")
 PHASES = ("select", "final")
@@ -55,6 +80,8 @@ WORST_CLIENT_MARGIN = 0.02  # C2A must beat the best baseline's worst-client acc
 ROUNDS_FRACTION = 0.95  # rounds to reach 95 % of the best final personalised mean accuracy
 TAIL_ROUNDS = 5  # the report also gives accuracies averaged over the last 5 rounds (the final round alone is noisy)
 SELECTION_TIE_MARGIN = 0.01  # lr selection: validation scores within 1 point of the best are ties (-> smaller lr)
+# Settings added after the first results: a run file without them was run with these values.
+SETTING_DEFAULTS: dict[str, Any] = {"selection_rounds": 1, "selection_tie_margin": SELECTION_TIE_MARGIN}
 GRID_EXTENSIONS = 2  # a chosen lr at an edge of the grid adds the next rate beyond it, up to 2 per side
 SELECTION_RULE = (
     f"argmax of the final personalised mean validation accuracy; scores within {SELECTION_TIE_MARGIN} of the best "
@@ -78,6 +105,8 @@ PROTOCOL_KEYS = (
     "min_client_size",
     "bottleneck_dim",
     "lora_r",
+    "selection_rounds",
+    "selection_tie_margin",
     "proximal_mu",
     "partition_seed",
     "selection_seed",
@@ -158,7 +187,10 @@ def next_rate_beyond(grid: Sequence[float], upward: bool) -> float:
 
 
 def resolve_selection(
-    grid: Sequence[float], scores: Mapping[float, Optional[float]], extensions: int = GRID_EXTENSIONS
+    grid: Sequence[float],
+    scores: Mapping[float, Optional[float]],
+    extensions: int = GRID_EXTENSIONS,
+    margin: float = SELECTION_TIE_MARGIN,
 ) -> tuple[Optional[float], list[float], list[float]]:
     """Apply the selection rule to the scores at hand: `(chosen lr or None, grid, missing lrs)`.
 
@@ -177,7 +209,7 @@ def resolve_selection(
         if missing:
             return None, grid, missing
         try:
-            chosen = select_lr({lr: scores[lr] for lr in grid}, SELECTION_TIE_MARGIN)
+            chosen = select_lr({lr: scores[lr] for lr in grid}, margin)
         except ValueError:  # every run failed
             return None, grid, []
         if chosen not in (grid[0], grid[-1]):
@@ -281,8 +313,24 @@ def read_run(path: Path) -> Optional[dict[str, Any]]:
 
 def protocol_mismatch(document: Mapping[str, Any], spec: RunSpec) -> dict[str, tuple[Any, Any]]:
     """Protocol settings that differ between a run file and the spec that would redo it: {key: (file, now)}."""
-    old = document.get("config", {}).get("settings", {})
+    old = {**SETTING_DEFAULTS, **document.get("config", {}).get("settings", {})}
     return {key: (old.get(key), value) for key, value in spec.settings.items() if old.get(key) != value}
+
+
+def selection_rule(settings: Mapping[str, Any]) -> str:
+    """The lr-selection rule of a protocol, in words."""
+    rounds = settings.get("selection_rounds", SETTING_DEFAULTS["selection_rounds"])
+    margin = settings.get("selection_tie_margin", SETTING_DEFAULTS["selection_tie_margin"])
+    criterion = (
+        "the final personalised mean validation accuracy"
+        if rounds == 1
+        else f"the personalised mean validation accuracy averaged over the last {rounds} rounds"
+    )
+    ties = f"scores within {margin} of the best are ties -> smaller lr; " if margin else ""
+    return (
+        f"argmax of {criterion}; {ties}failed runs never win; a winner at an edge of the grid adds the next rate "
+        f"beyond it (up to {GRID_EXTENSIONS} per side)"
+    )
 
 
 # =====================================================================================================================

@@ -25,7 +25,7 @@ from .protocol import (
     METHODS,
     NO_SELECTION_RULE,
     ROUNDS_FRACTION,
-    SELECTION_RULE,
+    SETTING_DEFAULTS,
     TAIL_ROUNDS,
     TARGET_SCENARIOS,
     UPPER_BOUNDS,
@@ -38,6 +38,7 @@ from .protocol import (
     read_run,
     resolve_selection,
     rounds_to_reach,
+    selection_rule,
     tail_mean,
 )
 
@@ -113,12 +114,14 @@ def method_row(method: str, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
         if run["config"]["seed"] == run["config"]["settings"]["selection_seed"]:
             scores[float(run["config"]["lr"])] = run["derived"].get("criterion", {}).get("value")
     chosen: Optional[float] = None
+    settings = next((run["config"]["settings"] for run in [*finals, *runs["select"]]), {})
+    margin = {**SETTING_DEFAULTS, **settings}["selection_tie_margin"]
     if grid:
-        chosen, grid, missing = resolve_selection(grid, scores)
+        chosen, grid, missing = resolve_selection(grid, scores, margin=margin)
     if len(grid) == 1:
         rule = NO_SELECTION_RULE
     elif chosen is not None:
-        rule = SELECTION_RULE
+        rule = selection_rule(settings)
     else:
         rule = f"selection incomplete: missing lr {missing}" if missing else "every select run failed"
     used = [run for run in finals if chosen is not None and float(run["config"]["lr"]) == chosen]
@@ -565,7 +568,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             "settings": settings,
             "num_run_files": len(runs),
             "notes": {
-                "criterion": f"lr selection: {SELECTION_RULE} (validation carved from each client's training data), "
+                "criterion": f"lr selection: {selection_rule(settings)} (validation carved from each client's "
+                "training data), "
                 "same for every method",
                 "local": "local = plain bottleneck adapters trained per client (federation_mode=local)",
                 "centralized": "centralized = C2A on pooled data, clients_per_round x local_steps steps per round",

@@ -22,12 +22,14 @@ import numpy as np
 
 from .protocol import (
     METHODS,
+    MODEL_FREE,
     ROOT,
     RUN_FORMAT,
     SCENARIOS,
     RunSpec,
     atomic_write_json,
     environment,
+    tail_mean,
 )
 
 EXAMPLE = ROOT / "examples" / "federated_text_classification.py"
@@ -82,34 +84,6 @@ def choose_unseen(
             if queues[group] and len(chosen) < count:
                 chosen.append(queues[group].pop(0))
     return sorted(chosen)
-
-
-def grouped_partition_like(
-    labels: Sequence[int],
-    groups: Sequence[str],
-    counts: np.ndarray,
-    client_groups: Sequence[str],
-    seed: int,
-) -> list[np.ndarray]:
-    """`partition_like` inside each group: a client's personal test split comes from its own group (language) only.
-
-    Plain `partition_like` would hand a German client test verses in any language.
-    """
-    from peft_c2a.federated import partition_like
-
-    labels = np.asarray(labels, dtype=np.int64)
-    groups = np.asarray([str(g) for g in groups])
-    client_groups = [str(g) for g in client_groups]
-    result = [np.zeros(0, dtype=np.int64) for _ in client_groups]
-    for position, group in enumerate(sorted(set(client_groups))):
-        rows = [i for i, g in enumerate(client_groups) if g == group]
-        members = np.flatnonzero(groups == group)
-        if members.size == 0:
-            continue
-        parts = partition_like(labels[members], counts[rows], seed=seed + 7919 * (position + 1))
-        for row, part in zip(rows, parts, strict=True):
-            result[row] = np.sort(members[part])
-    return result
 
 
 def _status_kb(key: str) -> Optional[int]:
@@ -217,6 +191,7 @@ def build_federation(spec: RunSpec) -> Federation:
     from peft_c2a.federated import (
         dirichlet_label_partition,
         group_dirichlet_partition,
+        grouped_partition_like,
         label_counts,
         partition_like,
     )
@@ -321,7 +296,8 @@ def training_arguments(spec: RunSpec, output_dir: str) -> Any:
         num_rounds=settings["num_rounds"],
         clients_per_round=settings["clients_per_round"],
         local_max_steps=local_steps,
-        eval_every_rounds=1 if spec.phase == "final" else 0,
+        # select runs evaluate only where the criterion looks: the last `selection_rounds` rounds (or the last one)
+        eval_every_rounds=1 if spec.phase == "final" or settings.get("selection_rounds", 1) > 1 else 0,
         save_every_rounds=0,  # a run is the unit of resumption; per-round checkpoints would only cost time
         learning_rate=spec.lr,
         per_device_train_batch_size=settings["batch_size"],
@@ -338,8 +314,9 @@ def training_arguments(spec: RunSpec, output_dir: str) -> Any:
     )
 
 
-def derive(history: Sequence[Mapping[str, Any]], phase: str) -> dict[str, Any]:
-    """Headline figures of one run from the trainer's history."""
+def derive(history: Sequence[Mapping[str, Any]], phase: str, selection_rounds: int = 1) -> dict[str, Any]:
+    """Headline figures of one run from the trainer's history (the select criterion: the personalised mean
+    validation accuracy, averaged over the last `selection_rounds` evaluated rounds)."""
     evaluated = [record for record in history if "eval_personalized_mean_accuracy" in record]
     last = evaluated[-1] if evaluated else {}
     final = {
@@ -347,6 +324,7 @@ def derive(history: Sequence[Mapping[str, Any]], phase: str) -> dict[str, Any]:
         for key in (
             "global_accuracy",
             "personalized_mean_accuracy",
+            "personalized_mean_prior_only_accuracy",
             "personalized_worst_accuracy",
             "personalized_weighted_accuracy",
             "personalized_mean_macro_f1",
@@ -381,11 +359,81 @@ def derive(history: Sequence[Mapping[str, Any]], phase: str) -> dict[str, Any]:
         "eval_time_s": float(sum(r.get("eval_time", 0.0) for r in history)),
     }
     if phase == "select":
-        derived["criterion"] = {
-            "name": "final personalised mean validation accuracy",
-            "value": final["personalized_mean_accuracy"],
-        }
+        if selection_rounds == 1:
+            derived["criterion"] = {
+                "name": "final personalised mean validation accuracy",
+                "value": final["personalized_mean_accuracy"],
+            }
+        else:
+            derived["criterion"] = {
+                "name": f"personalised mean validation accuracy, mean over the last {selection_rounds} rounds",
+                "value": tail_mean(derived["curves"]["personalized_mean_accuracy"], selection_rounds),
+            }
     return derived
+
+
+def prior_only_record(federation: Federation, round_index: int) -> dict[str, Any]:
+    """A history record for the prior-only guess: every client predicts its majority training label (the global
+    test set: the majority label of all training clients pooled); no model, nothing communicated."""
+    from peft_c2a.federated import prior_only_accuracy, summarize_clients
+
+    def labels_of(dataset: Any) -> np.ndarray:
+        return np.asarray(dataset["labels"], dtype=np.int64)
+
+    training = [name for name in sorted(federation.clients) if name not in federation.unseen]
+    counts = {
+        name: np.bincount(labels_of(federation.clients[name]), minlength=federation.num_labels)
+        for name in federation.clients
+    }
+    per_kind: dict[str, dict[str, dict[str, float]]] = {"client": {}, "unseen": {}}
+    for name, dataset in federation.client_evals.items():
+        accuracy = prior_only_accuracy(counts[name], labels_of(dataset))
+        scores = {"accuracy": accuracy, "prior_only_accuracy": accuracy, "num_examples": len(dataset)}
+        per_kind["unseen" if name in federation.unseen else "client"][name] = scores
+    pooled = sum(counts[name] for name in training)
+    record: dict[str, Any] = {
+        "round": round_index,
+        "local_steps": 0,
+        "bytes_up_per_client": 0,
+        "bytes_down": 0,
+        "num_sampled_clients": 0,
+        "eval_global_accuracy": prior_only_accuracy(pooled, labels_of(federation.eval_dataset)),
+    }
+    record.update(summarize_clients(per_kind["client"], "eval_personalized"))
+    record.update(summarize_clients(per_kind["unseen"], "eval_unseen"))
+    record["eval_clients"] = dict(sorted(per_kind["client"].items()))
+    record["eval_unseen_clients"] = dict(sorted(per_kind["unseen"].items()))
+    return record
+
+
+def write_model_free_run(spec: RunSpec, federation: Federation, output_dir: Path, worker_start: float) -> dict:
+    """Run file of a method that trains nothing (the prior-only guess), in the layout of every other run."""
+    history = [prior_only_record(federation, spec.settings["num_rounds"])]
+    derived = derive(history, spec.phase, spec.settings.get("selection_rounds", 1))
+    derived.update({"trainable_params_with_head": 0, "trainable_params_no_head": 0, "total_params": 0})
+    derived["memory"] = {"method": "no model: nothing measured", "peak_rss_mb": None, "peak_increase_mb": None}
+    derived["train_wall_s"] = 0.0
+    derived["wall_time_s"] = time.time() - worker_start
+    document = {
+        "format": RUN_FORMAT,
+        "status": "ok",
+        "error": None,
+        "config": {
+            **{k: v for k, v in asdict(spec).items() if k not in ("settings",)},
+            "method_definition": asdict(METHODS[spec.method]),
+            "settings": spec.settings,
+            "model_path": federation.model_path,
+            "label_names": federation.label_names,
+            "unseen_clients": federation.unseen,
+            "clients": federation.client_info,
+        },
+        "environment": environment(spec.threads),
+        "derived": derived,
+        "history": history,
+        "complete": True,
+    }
+    atomic_write_json(output_dir / spec.relative_path(), document)
+    return document
 
 
 def progress_callback(rounds: int) -> Any:
@@ -428,15 +476,18 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
     datasets.logging.set_verbosity_error()
 
     federation = build_federation(spec)
-    example = load_example()
     method = METHODS[spec.method]
+    if spec.method in MODEL_FREE:
+        return write_model_free_run(spec, federation, output_dir, worker_start)
+    example = load_example()
     script = example.ScriptArguments(
         model_name_or_path=federation.model_path,
         peft_method=method.peft_method,
         bottleneck_dim=spec.settings["bottleneck_dim"],
         lora_r=spec.settings["lora_r"],
+        **dict(method.script_options),
     )
-    model = example.build_model(script, federation.num_labels, spec.seed)
+    model = example.build_model(script, federation.num_labels, spec.seed, num_clients=len(federation.clients))
     counts = parameter_counts(model)
     # the trainer's own history files go to a scratch folder: the run file holds the whole history
     scratch = Path(tempfile.mkdtemp(prefix="federated-bench-trainer-"))
@@ -487,7 +538,7 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
         memory["cuda_peak_allocated_mb"] = cuda_peak / 2**20
         memory["cuda_peak_increase_mb"] = (cuda_peak - cuda_baseline) / 2**20
         memory["cuda_method"] = "torch.cuda.max_memory_allocated, reset after set-up"
-    derived = derive(history, spec.phase)
+    derived = derive(history, spec.phase, spec.settings.get("selection_rounds", 1))
     derived.update(counts)
     derived["memory"] = memory
     derived["train_wall_s"] = train_wall

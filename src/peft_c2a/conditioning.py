@@ -64,6 +64,19 @@ def normalize_label_distribution(label_distribution: Any, num_labels: int) -> to
     return dist / totals
 
 
+def logit_adjustment(probs: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+    """`tau * log(p + eps)`, centred over the classes: what the logit adjustment adds to the class scores.
+
+    Centring changes no prediction or loss (softmax ignores a constant per row) but keeps the logits of a client near
+    the base model's, and makes the offset of a uniform distribution exactly zero: an unknown client described as
+    uniform and one described by nothing get identical logits.
+    """
+    log_prior = torch.log(probs + eps)
+    offsets = tau * (log_prior - log_prior.mean(dim=-1, keepdim=True))
+    uniform = (probs == probs[..., :1]).all(dim=-1, keepdim=True)
+    return torch.where(uniform, torch.zeros_like(offsets), offsets)
+
+
 def check_client_ids(client_ids: Any, num_clients: int) -> torch.Tensor:
     """Check client ids: an integer tensor of shape `(batch,)` (or a scalar) with values in `[0, num_clients)`."""
     try:
@@ -100,6 +113,9 @@ class C2ARuntime:
         hypernets: the tuner's `ModuleDict` of hypernetworks, one per adapter name (held by reference, so it is not
             registered, and not saved, under every layer).
         static_embeddings: per adapter, the descriptor part of the client embedding, `(1 or batch, k)` or `None`.
+        logit_offsets: what the logit adjustment adds to the class scores of this forward, `(1 or batch,
+            num_labels)`, summed over the active adapters; `None` when nothing is added (no adjustment, or the
+            uniform default descriptor of an unknown client).
         generators: per adapter, the row-normalised generator bases of this forward (computed once, shared by all
             sites; computed outside any checkpointed layer, so gradient checkpointing re-uses rather than re-records
             them).
@@ -111,6 +127,7 @@ class C2ARuntime:
 
     hypernets: nn.ModuleDict
     static_embeddings: dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+    logit_offsets: Optional[torch.Tensor] = None
     generators: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     in_forward: bool = False
     attention_mask: Optional[torch.Tensor] = None
@@ -121,6 +138,7 @@ class C2ARuntime:
     ambient: dict[str, Any] = field(default_factory=dict)
     context_cache: dict[str, _CachedContext] = field(default_factory=dict)
     active_adapters: list[str] = field(default_factory=list)
+    adapters_enabled: bool = True
 
     # ------------------------------------------------------------------ descriptor
     def begin_forward(self, descriptor: dict[str, Any], training: bool) -> None:
@@ -134,6 +152,7 @@ class C2ARuntime:
 
         self.static_embeddings = {}
         self.generators = {}
+        self.logit_offsets = None
         for name in self.active_adapters:
             if name not in self.hypernets:
                 continue
@@ -151,6 +170,10 @@ class C2ARuntime:
                     probs = torch.full((1, hyper.num_labels), 1.0 / hyper.num_labels)
                 else:
                     probs = normalize_label_distribution(label, hyper.num_labels)
+                    if hyper.logit_adjustment > 0 and self.adapters_enabled:
+                        offsets = logit_adjustment(probs, hyper.logit_adjustment, hyper.logit_adjustment_eps)
+                        offsets = offsets.to(hyper.layer_embedding.device)
+                        self.logit_offsets = offsets if self.logit_offsets is None else self.logit_offsets + offsets
             elif label is not None:
                 raise ValueError(
                     "`label_distribution` was passed but the C2A adapter has no label term (`num_labels` is unset)."

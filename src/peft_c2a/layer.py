@@ -193,14 +193,14 @@ class C2ALayer(_BottleneckLayerBase):
             pooled = self._pooled_context(hidden, adapter_name, length)
             embedding = (embedding.unsqueeze(1) if pooled.dim() == 3 else embedding) + hyper.context_embedding(pooled)
 
-        gen_down, gen_up = runtime.generators.get(adapter_name) or hyper.generators()  # (k, r, d) each
-        gain = hyper.up_gain_for(layer_id, site)
+        embedding = hyper.client_embedding_from_terms(embedding)
+        gen_down, gen_up = runtime.generators.get(adapter_name) or hyper.generators()  # (k, r, d) each, scaled
         act = self.adapter_act[adapter_name]
         down_bias, up_bias = self.c2a_down_bias[adapter_name], self.c2a_up_bias[adapter_name]
         if embedding.dim() == 2:
             # one client embedding per example: generate each example's matrices, then apply them batched
-            w_down = torch.einsum("bk,krd->bdr", embedding, gen_down) * hyper.down_scale
-            w_up = torch.einsum("bk,krd->brd", embedding, gen_up) * gain
+            w_down = torch.einsum("bk,krd->bdr", embedding, gen_down)
+            w_up = torch.einsum("bk,krd->brd", embedding, gen_up)
             out = act(torch.matmul(x, w_down) + down_bias)
             out = torch.matmul(out, w_up) + up_bias
         else:
@@ -208,9 +208,9 @@ class C2ALayer(_BottleneckLayerBase):
             # materialising a (batch, length, d, r) weight tensor
             k, r, d = gen_down.shape
             projected = torch.matmul(x, gen_down.permute(2, 0, 1).reshape(d, k * r)).view(batch, length, k, r)
-            out = act(torch.einsum("btkr,btk->btr", projected, embedding) * hyper.down_scale + down_bias)
+            out = act(torch.einsum("btkr,btk->btr", projected, embedding) + down_bias)
             mixed = (embedding.unsqueeze(-1) * out.unsqueeze(-2)).reshape(batch, length, k * r)
-            out = torch.matmul(mixed, gen_up.reshape(k * r, d)) * gain + up_bias
+            out = torch.matmul(mixed, gen_up.reshape(k * r, d)) + up_bias
         return out.reshape(flat_shape[0], -1) if flat_shape is not None else out
 
     def _unflattened_batch(self, rows: int) -> int:

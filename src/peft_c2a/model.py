@@ -220,6 +220,13 @@ class C2AModel(_BottleneckTunerBase):
             layer_id = layer_ids.setdefault(layer_key(key), len(layer_ids))
             decoder_site = is_decoder_site(key, encoder_decoder, decoder_only)
             causal = decoder_site if config.causal_context is None else config.causal_context
+            if decoder_site and config.use_context and not causal:
+                raise ValueError(
+                    f"C2AConfig(causal_context=False) on {key!r}, a decoder module: a context pooled over the whole "
+                    "sequence lets later tokens change the outputs at earlier positions (the model would see the "
+                    "future while training). Leave `causal_context` unset (causal where needed) or set "
+                    "`use_context=False`."
+                )
             plan[key] = {
                 "layer_id": layer_id,
                 "site": site_kind(key),
@@ -244,6 +251,9 @@ class C2AModel(_BottleneckTunerBase):
             num_labels=config.num_labels,
             num_clients=config.num_clients,
             use_context=config.use_context,
+            use_label=config.use_label_term,
+            logit_adjustment=config.logit_adjustment if config.task_type in CLASSIFICATION_TASKS else 0.0,
+            logit_adjustment_eps=config.logit_adjustment_eps,
             generator=generator,
         )
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -286,8 +296,33 @@ class C2AModel(_BottleneckTunerBase):
         """
         runtime = self._c2a_runtime
 
+        def adjust_logits(module: nn.Module, args: tuple, output: Any) -> Any:
+            offsets = runtime.logit_offsets
+            if offsets is None or not isinstance(output, torch.Tensor) or output.shape[-1] != offsets.shape[-1]:
+                return None  # no adjustment, or not class scores (a regression head)
+            if output.dim() == 3:  # per position: token classification, or a decoder's score before pooling
+                offsets = offsets.unsqueeze(1)
+            if offsets.shape[0] not in (1, output.shape[0]):
+                raise ValueError(
+                    f"The client descriptor has {offsets.shape[0]} rows but the classifier scored {output.shape[0]} "
+                    "examples; pass one row per example or a single row for the whole batch."
+                )
+            return output + offsets.to(device=output.device, dtype=output.dtype)
+
+        def hook_classification_head() -> None:
+            # PEFT wraps the head in a ModulesToSaveWrapper after injection, so the hook goes on whatever module is
+            # the head at forward time (and moves if the head is replaced)
+            head = _classification_head(model)
+            if head is self._c2a_hooked_head:
+                return
+            if self._c2a_head_hook is not None:
+                self._c2a_head_hook.remove()
+            self._c2a_head_hook = head.register_forward_hook(adjust_logits) if head is not None else None
+            self._c2a_hooked_head = head
+
         def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             descriptor = {name: kwargs.pop(name) for name in DESCRIPTOR_KWARGS if name in kwargs}
+            hook_classification_head()
             runtime.record_inputs(bind_forward_arguments(module, args, kwargs))
             runtime.begin_forward(descriptor, training=module.training)
             runtime.in_forward = True
@@ -305,6 +340,7 @@ class C2AModel(_BottleneckTunerBase):
                 runtime.batch_size = infer_batch_size(bound)
                 runtime.begin_forward({}, training=module.training)
 
+        self._c2a_head_hook, self._c2a_hooked_head = None, None
         self._c2a_hooks = [
             model.register_forward_pre_hook(before_forward, with_kwargs=True),
             model.register_forward_hook(after_forward, always_call=True),
@@ -320,6 +356,9 @@ class C2AModel(_BottleneckTunerBase):
         for hook in self._c2a_hooks:
             hook.remove()
         self._c2a_hooks = []
+        if self._c2a_head_hook is not None:
+            self._c2a_head_hook.remove()
+        self._c2a_head_hook, self._c2a_hooked_head = None, None
         if "generate" in vars(self.model):
             del self.model.generate
 
@@ -384,6 +423,8 @@ class C2AModel(_BottleneckTunerBase):
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
         self._sync_hypernet_grad(enabled)
+        # the logit adjustment is part of the adapter: `disable_adapter()` gives exactly the base model
+        self._c2a_runtime.adapters_enabled = enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -405,6 +446,19 @@ class C2AModel(_BottleneckTunerBase):
         if marker in key:
             return key.replace(marker, "c2a_hypernet.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+# Attribute names of the module that outputs the class scores, across transformers' classification models.
+CLASSIFICATION_HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+def _classification_head(model: nn.Module) -> Optional[nn.Module]:
+    for name in CLASSIFICATION_HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
 
 
 def _out_features(module: nn.Module) -> int:

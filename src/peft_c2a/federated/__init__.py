@@ -13,11 +13,12 @@ from .aggregation import FedAdamServer, FedAvgServer, UpdateAccumulator, make_se
 from .arguments import FederatedTrainingArguments
 from .checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 from .clients import ClientData, DescriptorCollator, DescriptorSpec
-from .metrics import classification_metrics, summarize_clients, write_history
+from .metrics import classification_metrics, prior_only_accuracy, summarize_clients, write_history
 from .partitioning import (
     client_datasets_from_partitions,
     dirichlet_label_partition,
     group_dirichlet_partition,
+    grouped_partition_like,
     iid_partition,
     label_counts,
     partition_like,
@@ -40,12 +41,14 @@ __all__ = [
     "client_datasets_from_partitions",
     "dirichlet_label_partition",
     "group_dirichlet_partition",
+    "grouped_partition_like",
     "iid_partition",
     "label_counts",
     "latest_checkpoint",
     "make_server_optimizer",
     "partition_like",
     "plot_label_heatmap",
+    "prior_only_accuracy",
     "quantity_skew_partition",
     "read_checkpoint",
     "state_nbytes",

@@ -33,6 +33,7 @@ SERVER_STATE_FILE = "server_optimizer.safetensors"
 FEDERATION_STATE_FILE = "federation_state.json"
 HISTORY_FILE = "history.json"
 CLIENT_STATES_FILE = "client_states.safetensors"
+CLIENT_PRIVATE_FILE = "client_private_states.safetensors"
 OPTIMIZER_FILE = "local_optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 

@@ -54,6 +54,20 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[
     }
 
 
+def prior_only_accuracy(train_label_counts: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of the model-free guess "always the client's majority training label" on `labels`.
+
+    Under label skew a personal test split follows the client's training mix, so this guess alone can score high;
+    a personalised model is only worth its cost where it beats it. Ties go to the smallest class id; positions
+    labelled -100 are ignored.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    labels = labels[labels != -100]
+    if labels.size == 0:
+        return float("nan")
+    return float(np.mean(labels == int(np.argmax(train_label_counts))))
+
+
 def summarize_clients(per_client: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str, float]:
     """Mean, example-weighted mean, worst client and std across clients of each score in `per_client`.
 

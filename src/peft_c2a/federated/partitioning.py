@@ -619,3 +619,39 @@ def plot_label_heatmap(
                 axes.text(col, row, text, ha="center", va="center", color=color, fontsize=8)
     figure.savefig(path, format="png", dpi=100)
     return path
+
+
+def grouped_partition_like(
+    labels: Any,
+    groups: Sequence[Any],
+    counts: np.ndarray,
+    client_groups: Sequence[Any],
+    seed: int,
+) -> list[np.ndarray]:
+    """`partition_like` inside each group: a client's personal test split comes from its own group (language) only.
+
+    Plain `partition_like` would hand a German client test examples in any language.
+
+    Args:
+        labels: labels of the dataset to split.
+        groups: the group of each example of that dataset (e.g. its language).
+        counts: `(num_clients, num_labels)` reference counts, as for `partition_like`.
+        client_groups: the group of each client (row of `counts`).
+        seed: seed of the split (each group draws from its own stream).
+
+    Returns:
+        One sorted int64 index array per client; a client whose group has no example gets an empty array.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    groups = np.asarray([str(g) for g in groups])
+    client_groups = [str(g) for g in client_groups]
+    result = [np.zeros(0, dtype=np.int64) for _ in client_groups]
+    for position, group in enumerate(sorted(set(client_groups))):
+        rows = [i for i, g in enumerate(client_groups) if g == group]
+        members = np.flatnonzero(groups == group)
+        if members.size == 0:
+            continue
+        parts = partition_like(labels[members], counts[rows], seed=seed + 7919 * (position + 1))
+        for row, part in zip(rows, parts, strict=True):
+            result[row] = np.sort(members[part])
+    return result

@@ -34,13 +34,37 @@ def trainable_state(model: nn.Module) -> TensorDict:
     return {name: param.detach().to("cpu", copy=True) for name, param in trainable_parameters(model).items()}
 
 
-def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+# Trainable tensors that belong to one client: C2A's per-client embedding table. Each client trains only its own row,
+# so averaging it would dilute that row to n_k / sum(n) by the other clients' zero updates; it stays on its client.
+PRIVATE_PARAMETER_SUFFIXES = (".client_embedding",)
+
+
+def private_parameter_names(model: nn.Module) -> frozenset[str]:
+    """The trainable parameters of `model` that stay with each client: never sent, never averaged."""
+    return frozenset(
+        name
+        for name, param in model.named_parameters()
+        if param.requires_grad and name.endswith(PRIVATE_PARAMETER_SUFFIXES)
+    )
+
+
+def shared_trainable_state(model: nn.Module) -> TensorDict:
+    """`trainable_state` without the client-private tensors: what a server holds and sends."""
+    private = private_parameter_names(model)
+    return {name: tensor for name, tensor in trainable_state(model).items() if name not in private}
+
+
+def load_trainable_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], keep: frozenset[str] = frozenset()
+) -> None:
     """Copy `state` into `model`'s trainable parameters; names and shapes must match exactly.
 
-    Every name and shape is checked before anything is copied, so a mismatch raises `ValueError` and leaves the
-    model untouched.
+    Names in `keep` may be missing from `state`: those parameters keep their current values (a server's shared
+    state leaves the client-private tensors as they are). Every name and shape is checked before anything is
+    copied, so a mismatch raises `ValueError` and leaves the model untouched.
     """
     params = trainable_parameters(model)
+    params = {name: param for name, param in params.items() if name in state or name not in keep}
     if set(state) != set(params):
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise ValueError(f"Trainable state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}.")

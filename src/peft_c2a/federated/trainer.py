@@ -16,6 +16,9 @@ Design choices worth knowing:
   model with some parameters frozen) works; only C2A models get client descriptors.
 - *Descriptors are local.* A C2A client's label distribution is computed from its own training labels and attached
   to its batches by a collator; the server never needs it.
+- *Per-client tensors stay on their client.* C2A's client-id embedding table (`private_parameter_names`) is neither
+  sent nor averaged: each client trains and keeps its own copy (`client_private_states`, checkpointed), and the
+  global state holds only the shared tensors. Averaged, a client's row would shrink to n_k / sum(n) of its update.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from transformers.trainer_utils import EvalPrediction, TrainOutput, set_seed
 from .aggregation import UpdateAccumulator, make_server_optimizer, non_finite_tensors, state_nbytes
 from .arguments import FederatedTrainingArguments
 from .checkpoint import (
+    CLIENT_PRIVATE_FILE,
     CLIENT_STATES_FILE,
     FEDERATION_STATE_FILE,
     HISTORY_FILE,
@@ -66,10 +70,18 @@ from .clients import (
     descriptor_spec,
     expected_num_labels,
 )
-from .metrics import classification_metrics, loggable_items, scalar_items, summarize_clients, write_history
+from .metrics import (
+    classification_metrics,
+    loggable_items,
+    prior_only_accuracy,
+    scalar_items,
+    summarize_clients,
+    write_history,
+)
 from .rounds import (
     is_evaluation_round,
     load_trainable_state,
+    private_parameter_names,
     require_enough_updates,
     round_record,
     run_identity,
@@ -168,6 +180,14 @@ class FederatedTrainer(Trainer):
         self.history: list[dict[str, Any]] = []
         self.global_state: TensorDict = {}
         self.client_states: dict[str, TensorDict] = {}
+        # C2A's client-id embedding: each federated client keeps its own copy (`client_state`)
+        self.private_keys = private_parameter_names(model) if args.federation_mode == "federated" else frozenset()
+        self._initial_private_state: TensorDict = {
+            name: param.detach().to("cpu", copy=True)
+            for name, param in model.named_parameters()
+            if name in self.private_keys
+        }
+        self.client_private_states: dict[str, TensorDict] = {}
         self.server_optimizer = make_server_optimizer(args)
         self._proximal_anchor: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
 
@@ -183,6 +203,18 @@ class FederatedTrainer(Trainer):
     def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy `state` into the model's trainable parameters (names and shapes must match exactly)."""
         load_trainable_state(self.model, state)
+
+    def client_state(self, name: Optional[str], shared_state: Mapping[str, torch.Tensor]) -> TensorDict:
+        """The whole trainable state client `name` runs with: `shared_state` plus the client's private tensors.
+
+        A client that has not trained yet, and `name=None` (the global model), get the initial private tensors.
+        A `shared_state` that already holds them (a local-only client's own state) is returned as it is.
+        """
+        missing = [key for key in self.private_keys if key not in shared_state]
+        if not missing:
+            return dict(shared_state)
+        own = self.client_private_states.get(name, {}) if name is not None else {}
+        return {**shared_state, **{key: own.get(key, self._initial_private_state[key]) for key in missing}}
 
     # ---- the federation ------------------------------------------------------------------------------------------
 
@@ -215,8 +247,9 @@ class FederatedTrainer(Trainer):
                 "round: every round would fail."
             )
         start_time = time.time()
-        self.global_state = self.get_trainable_state()
+        self.global_state = {k: v for k, v in self.get_trainable_state().items() if k not in self.private_keys}
         self.client_states = {}
+        self.client_private_states = {}
         self.history = []
         self.server_optimizer = make_server_optimizer(args)
         first_round = 1
@@ -269,7 +302,7 @@ class FederatedTrainer(Trainer):
         mine = sampled[args.process_index :: args.world_size]
         local_mode = args.federation_mode == "local"
         accumulator = UpdateAccumulator(self.global_state)
-        reports, new_client_states = [], {}
+        reports, new_client_states, new_private_states = [], {}, {}
         for name in mine:
             start_state = self.client_states.get(name, self.global_state) if local_mode else self.global_state
             report, update = self.train_client(name, round_index, start_state)
@@ -280,6 +313,8 @@ class FederatedTrainer(Trainer):
                 new_client_states[name] = self.get_trainable_state()  # exact, unlike start + update
             else:
                 accumulator.add(update, report["num_examples"])
+                if name in self.client_private_states:
+                    new_private_states[name] = self.client_private_states[name]
 
         if args.world_size > 1:
             reports = gather_object(reports)
@@ -288,6 +323,9 @@ class FederatedTrainer(Trainer):
             if local_mode:
                 for part in gather_object([new_client_states]):
                     self.client_states.update(part)
+            elif self.private_keys:  # every process keeps every client's private tensors (for evaluation)
+                for part in gather_object([new_private_states]):
+                    self.client_private_states.update(part)
         else:
             self.client_states.update(new_client_states)
         reports.sort(key=lambda r: sampled.index(r["client"]))
@@ -296,7 +334,7 @@ class FederatedTrainer(Trainer):
         require_enough_updates(round_index, sampled, reports, args)
         if not local_mode:
             self.global_state = self.server_optimizer.step(self.global_state, accumulator.mean())
-        self.load_trainable_state(self.global_state)
+        self.load_trainable_state(self.client_state(None, self.global_state))
 
         record = round_record(round_index, sampled, reports)
         record["train_time"] = time.time() - round_start
@@ -351,13 +389,18 @@ class FederatedTrainer(Trainer):
         bytes down and up, `error`) and its update `local - start` (`None` when training raised). Only `ok` updates
         may be averaged in: a failed client, or one whose update is not finite (`rejected`), is dropped from the
         round, never fatal to the federation. The model is left holding the client's local state.
+
+        `start_state` may lack the client-private tensors (`private_keys`): the client then starts from its own copy,
+        the update covers `start_state`'s tensors only, and a usable run keeps the new private tensors on the client
+        (`client_private_states`).
         """
         # the local-only and centralised baselines communicate no model state
         communicates = self.args.federation_mode == "federated"
         report: dict[str, Any] = {"client": name, "bytes_down": state_nbytes(start_state) if communicates else 0}
-        self.load_trainable_state(start_state)
+        own_start = self.client_state(name, start_state)
+        self.load_trainable_state(own_start)
         try:
-            report.update(self._run_local_training(name, round_index, start_state))
+            report.update(self._run_local_training(name, round_index, own_start))
         except Exception as error:  # any failure of one client drops that client, never the federation
             logger.warning("Round %d: client %r failed and is dropped: %r", round_index, name, error)
             self.model.zero_grad(set_to_none=True)
@@ -371,6 +414,9 @@ class FederatedTrainer(Trainer):
                 "Round %d: client %r sent a non-finite update (%s ...); rejected.", round_index, name, bad[0]
             )
             return report | {"status": "rejected", "error": f"non-finite update in {bad[:3]}"}, update
+        private = {key: local_state[key] for key in self.private_keys if key not in start_state}
+        if private:
+            self.client_private_states[name] = private
         return report | {"status": "ok"}, update
 
     def _run_local_training(self, name: str, round_index: int, start_state: TensorDict) -> dict[str, Any]:
@@ -491,7 +537,9 @@ class FederatedTrainer(Trainer):
 
         Every process evaluates its share of the clients; all processes get the same result. Returns scalar
         summaries (`eval_global_*`, `eval_personalized_{mean,weighted,worst,std}_*`, `eval_unseen_*`) and the
-        per-client scores under `eval_clients` and `eval_unseen_clients`.
+        per-client scores under `eval_clients` and `eval_unseen_clients`. Beside the model's scores every client
+        with labels gets `prior_only_accuracy`, the model-free guess of its majority training label (summarised as
+        `eval_personalized_mean_prior_only_accuracy`, ...): the score a personalised model has to beat.
         """
         args = self.args
         local_mode = args.federation_mode == "local"
@@ -504,11 +552,11 @@ class FederatedTrainer(Trainer):
         results = []
         for kind, name in jobs[args.process_index :: args.world_size]:
             state = self.client_states.get(name, self.global_state) if local_mode else self.global_state
-            self.load_trainable_state(state)
+            self.load_trainable_state(self.client_state(name if kind == "client" else None, state))
             results.append((kind, name, self._evaluate_one(kind, name, ignore_keys)))
         if args.world_size > 1:
             results = gather_object(results)
-        self.load_trainable_state(self.global_state)
+        self.load_trainable_state(self.client_state(None, self.global_state))
         per_kind: dict[str, dict[str, dict[str, float]]] = {"global": {}, "client": {}, "unseen": {}}
         for kind, name, scores in results:
             per_kind[kind][name] = scores
@@ -573,6 +621,8 @@ class FederatedTrainer(Trainer):
             predictions = logits_np.argmax(-1) if logits_np.ndim == labels_np.ndim + 1 else logits_np
             if predictions.shape == labels_np.shape:
                 scores.update(classification_metrics(predictions, labels_np))
+                if client.label_counts is not None and kind in ("client", "unseen"):
+                    scores["prior_only_accuracy"] = prior_only_accuracy(client.label_counts, labels_np)
             if self.compute_metrics is not None:
                 extra = self.compute_metrics(EvalPrediction(predictions=logits_np, label_ids=labels_np))
                 scores.update({key: float(value) for key, value in extra.items()})
@@ -600,11 +650,10 @@ class FederatedTrainer(Trainer):
             }
             client_order = sorted(self.client_states)
             if client_order:
-                tensors[CLIENT_STATES_FILE] = {
-                    f"{index}/{key}": value
-                    for index, name in enumerate(client_order)
-                    for key, value in self.client_states[name].items()
-                }
+                tensors[CLIENT_STATES_FILE] = _indexed(self.client_states, client_order)
+            private_order = sorted(self.client_private_states)
+            if private_order:
+                tensors[CLIENT_PRIVATE_FILE] = _indexed(self.client_private_states, private_order)
             optimizer_meta = None
             if not args.reset_optimizer_each_round and self.optimizer is not None:
                 tensors[OPTIMIZER_FILE], optimizer_meta = optimizer_to_tensors(
@@ -617,6 +666,7 @@ class FederatedTrainer(Trainer):
                     "num_rounds": args.num_rounds,
                     **self._checkpoint_identity(),
                     "client_state_order": client_order,
+                    "client_private_order": private_order,
                     "local_optimizer": optimizer_meta,
                     "python_rng": _python_rng_to_json(random.getstate()),
                     "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
@@ -657,6 +707,7 @@ class FederatedTrainer(Trainer):
                 f"Checkpoint {path} is at round {round_index}, beyond `num_rounds={args.num_rounds}`."
             )
         needed = [RNG_FILE] + ([CLIENT_STATES_FILE] if meta.get("client_state_order") else [])
+        needed += [CLIENT_PRIVATE_FILE] if meta.get("client_private_order") else []
         if meta.get("local_optimizer") is not None and not args.reset_optimizer_each_round:
             needed.append(OPTIMIZER_FILE)
         missing = [name for name in needed if name not in tensors]
@@ -668,19 +719,15 @@ class FederatedTrainer(Trainer):
         except ValueError as error:
             raise CheckpointError(f"Checkpoint {path} has an unusable server optimizer state: {error}") from error
         try:
-            self.load_trainable_state(global_state)
+            load_trainable_state(self.model, global_state, keep=self.private_keys)
         except ValueError as error:
             raise CheckpointError(f"Checkpoint {path} does not fit this model: {error}") from error
         self.global_state = {key: value.clone() for key, value in global_state.items()}
         self.server_optimizer = server
-        self.client_states = {}
-        for index, name in enumerate(meta.get("client_state_order", [])):
-            prefix = f"{index}/"
-            self.client_states[name] = {
-                key[len(prefix) :]: value
-                for key, value in tensors[CLIENT_STATES_FILE].items()
-                if key.startswith(prefix)
-            }
+        self.client_states = _unindexed(tensors.get(CLIENT_STATES_FILE, {}), meta.get("client_state_order", []))
+        self.client_private_states = _unindexed(
+            tensors.get(CLIENT_PRIVATE_FILE, {}), meta.get("client_private_order", [])
+        )
         if meta.get("local_optimizer") is not None and not args.reset_optimizer_each_round:
             self._local_optimizer(1)
             state = optimizer_from_tensors(tensors[OPTIMIZER_FILE], meta["local_optimizer"])
@@ -691,6 +738,19 @@ class FederatedTrainer(Trainer):
         np.random.set_state((numpy_rng[0], np.asarray(numpy_rng[1], dtype=np.uint32), *numpy_rng[2:]))
         self.history = [record for record in history if record["round"] <= round_index]
         return round_index
+
+
+def _indexed(states: Mapping[str, TensorDict], order: Sequence[str]) -> TensorDict:
+    """Per-client states as one flat tensor dict, `"{index in order}/{key}"` (client names never become keys)."""
+    return {f"{index}/{key}": value for index, name in enumerate(order) for key, value in states[name].items()}
+
+
+def _unindexed(tensors: Mapping[str, torch.Tensor], order: Sequence[str]) -> dict[str, TensorDict]:
+    states: dict[str, TensorDict] = {}
+    for index, name in enumerate(order):
+        prefix = f"{index}/"
+        states[name] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+    return states
 
 
 def _cycle(loader: DataLoader) -> Iterator[Any]:

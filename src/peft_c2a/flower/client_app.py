@@ -10,6 +10,11 @@ local training of `FederatedTrainer.train_client`. Three message types are handl
   metrics (a client whose training raised replies with its status and error, and no update);
 - `evaluate`: load the global state, score every evaluable client of the node with its own descriptor and (C2A) with
   the uniform one; a client whose evaluation raises is reported by name, the others still are.
+
+Client-private tensors (C2A's client-id embedding, `FederatedTrainer.private_keys`) never leave the node: the server
+sends and averages only the shared state, and the node keeps each client's own copy in `context.state`, which Flower
+keeps for the node across the rounds of a run (not across a restart of the node: a resumed run starts those clients
+from the initial private tensors).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .records import (
     ERRORS_KEY,
     METRICS_KEY,
     OWN_PREFIX,
+    PRIVATE_STATE_PREFIX,
     STATE_KEY,
     UNIFORM_PREFIX,
     state_from_record,
@@ -94,7 +100,9 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         name = str(config["client"])
         _assign_client_id(trainer, name, config.get("client-id"))
         start_state = state_from_record(message.content[STATE_KEY])
+        _restore_private_states(trainer, context)
         report, update = trainer.train_client(name, int(config["server-round"]), start_state)
+        _keep_private_states(trainer, context)
         status = ConfigRecord({"client": name, "status": report["status"], "error": str(report.get("error", ""))})
         if update is None:  # training raised: the server drops this client from the round, as FederatedTrainer does
             return Message(RecordDict({CONFIG_KEY: status}), reply_to=message)
@@ -114,11 +122,13 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         trainer = trainer_for(context)
         config = message.content[CONFIG_KEY]
         _check_settings(trainer, config)
-        trainer.load_trainable_state(state_from_record(message.content[STATE_KEY]))
+        shared_state = state_from_record(message.content[STATE_KEY])
+        _restore_private_states(trainer, context)
         reply, errors = RecordDict(), {}
         for name, client_id in zip(config["clients"], config["client-ids"], strict=True):
             try:
                 _assign_client_id(trainer, name, client_id)
+                trainer.load_trainable_state(trainer.client_state(name, shared_state))
                 # the uniform-descriptor pass only differs from the own-descriptor one for C2A models
                 passes = (
                     ((OWN_PREFIX, True), (UNIFORM_PREFIX, False)) if trainer.descriptor_spec else ((OWN_PREFIX, True),)
@@ -134,6 +144,18 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         return Message(reply, reply_to=message)
 
     return app
+
+
+def _restore_private_states(trainer: FederatedTrainer, context: Context) -> None:
+    """Give the node's (freshly built) trainer its clients' private tensors kept from earlier rounds."""
+    for key, record in context.state.array_records.items():
+        if key.startswith(PRIVATE_STATE_PREFIX):
+            trainer.client_private_states[key[len(PRIVATE_STATE_PREFIX) :]] = state_from_record(record)
+
+
+def _keep_private_states(trainer: FederatedTrainer, context: Context) -> None:
+    for name, state in trainer.client_private_states.items():
+        context.state[PRIVATE_STATE_PREFIX + name] = state_to_record(state)
 
 
 def _check_settings(trainer: FederatedTrainer, config: Mapping[str, Any]) -> None:

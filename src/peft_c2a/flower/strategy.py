@@ -47,12 +47,13 @@ from ..federated.metrics import scalar_items, summarize_clients, write_history
 from ..federated.rounds import (
     is_evaluation_round,
     load_trainable_state,
+    private_parameter_names,
     require_enough_updates,
     round_record,
     run_identity,
     sample_round_clients,
     screen_update,
-    trainable_state,
+    shared_trainable_state,
 )
 from .records import (
     CLIENTS_KEY,
@@ -109,7 +110,9 @@ class FederatedStrategy(Strategy):
         self.unseen_clients = sorted(unseen_clients)
         self.min_available_nodes = min_available_nodes
         self.node_wait_timeout = node_wait_timeout
-        self.global_state: TensorDict = trainable_state(model)
+        # the shared state only: client-private tensors (C2A's client-id embedding) stay on the nodes
+        self.private_keys = private_parameter_names(model)
+        self.global_state: TensorDict = shared_trainable_state(model)
         self.server_optimizer = make_server_optimizer(args)
         self.history: list[dict[str, Any]] = []
         self.client_nodes: dict[str, int] = {}
@@ -315,7 +318,7 @@ class FederatedStrategy(Strategy):
         self._discover_clients(grid)
         if initial_arrays is not None:
             initial = state_from_record(initial_arrays)
-            reason = screen_update(initial, trainable_state(self.model))
+            reason = screen_update(initial, shared_trainable_state(self.model))
             if reason is not None:
                 raise ValueError(f"`initial_arrays` does not fit the model: {reason}.")
             self.global_state = initial
@@ -330,7 +333,7 @@ class FederatedStrategy(Strategy):
             first_round = self.load_checkpoint(path) + 1
             started -= self.history[-1].get("wall_time", 0.0) if self.history else 0.0
             logger.info("Resuming the federation after round %d from %s.", first_round - 1, path)
-        load_trainable_state(self.model, self.global_state)
+        load_trainable_state(self.model, self.global_state, keep=self.private_keys)
 
         result = Result(arrays=ArrayRecord(self.global_state))
         for server_round in range(first_round, args.num_rounds + 1):
@@ -367,7 +370,7 @@ class FederatedStrategy(Strategy):
                 server_round % args.save_every_rounds == 0 or server_round == args.num_rounds
             ):
                 self.save_checkpoint(server_round)
-        load_trainable_state(self.model, self.global_state)
+        load_trainable_state(self.model, self.global_state, keep=self.private_keys)
         return result
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -376,7 +379,7 @@ class FederatedStrategy(Strategy):
         """Write `output_dir/round-{round_index}/` (atomic, hashed): global state, server optimizer, history,
         the run's identity, and the global adapter via `save_pretrained` for PEFT models."""
         args = self.args
-        load_trainable_state(self.model, self.global_state)
+        load_trainable_state(self.model, self.global_state, keep=self.private_keys)
         documents = {
             FEDERATION_STATE_FILE: {"round": round_index, "num_rounds": args.num_rounds, **self._identity()},
             HISTORY_FILE: self.history,
