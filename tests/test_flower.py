@@ -178,7 +178,13 @@ def test_simulation_learns_and_writes_history_checkpoints_and_adapter(flower_run
     assert [record["round"] for record in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["eval_personalized_mean_loss"] < history[0]["eval_personalized_mean_loss"]
-    assert history[-1]["eval_personalized_mean_accuracy"] > history[0]["eval_personalized_mean_accuracy"] + 0.2
+    # round 1 already has each client's prior through the logit adjustment; the rounds must add to it
+    assert history[-1]["eval_personalized_mean_accuracy"] > history[0]["eval_personalized_mean_accuracy"] + 0.1
+    # the prior-only reference describes a client's labels: nodes keep it (the trainer, holding the data, reports it)
+    assert not [key for record in history for key in record if "prior_only" in key]
+    assert not [
+        key for record in history for scores in record["eval_clients"].values() for key in scores if "prior" in key
+    ]
     assert 0.0 <= history[-1]["eval_global_accuracy"] <= 1.0
     assert history[-1]["eval_personalized_num_clients"] == NUM_NODES
     written = json.loads((output_dir / "history.json").read_text())

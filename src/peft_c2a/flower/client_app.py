@@ -12,20 +12,28 @@ local training of `FederatedTrainer.train_client`. Three message types are handl
   the uniform one; a client whose evaluation raises is reported by name, the others still are.
 
 Client-private tensors (C2A's client-id embedding, `FederatedTrainer.private_keys`) never leave the node: the server
-sends and averages only the shared state, and the node keeps each client's own copy in `context.state`, which Flower
-keeps for the node across the rounds of a run (not across a restart of the node: a resumed run starts those clients
-from the initial private tensors).
+sends and averages only the shared state, and the node keeps each client's own copy on its disk, one safetensors file
+per client and round under the node trainer's `output_dir/client-private-states/`. A message of round `k` starts from
+the newest copy of a round before `k` (evaluation: up to `k`), so a federation resumed from the server's round-`k`
+checkpoint continues exactly, even when the node had already trained later rounds before the interruption.
+
+Evaluation replies carry the model's scores only: the prior-only reference (`prior_only_accuracy`, the share of the
+client's majority training label in its test set) describes the client's label distribution, so it stays on the node.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from safetensors.torch import load_file, save_file
 
 from ..federated.trainer import FederatedTrainer
 from .records import (
@@ -34,7 +42,6 @@ from .records import (
     ERRORS_KEY,
     METRICS_KEY,
     OWN_PREFIX,
-    PRIVATE_STATE_PREFIX,
     STATE_KEY,
     UNIFORM_PREFIX,
     state_from_record,
@@ -42,6 +49,8 @@ from .records import (
 )
 
 logger = logging.getLogger(__name__)
+
+PRIVATE_STATE_DIR = "client-private-states"
 
 TrainerFactory = Callable[[Context], FederatedTrainer]
 
@@ -100,9 +109,11 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         name = str(config["client"])
         _assign_client_id(trainer, name, config.get("client-id"))
         start_state = state_from_record(message.content[STATE_KEY])
-        _restore_private_states(trainer, context)
-        report, update = trainer.train_client(name, int(config["server-round"]), start_state)
-        _keep_private_states(trainer, context)
+        server_round = int(config["server-round"])
+        _restore_private_state(trainer, name, before_round=server_round)
+        report, update = trainer.train_client(name, server_round, start_state)
+        if report["status"] == "ok":
+            _keep_private_state(trainer, name, server_round)
         status = ConfigRecord({"client": name, "status": report["status"], "error": str(report.get("error", ""))})
         if update is None:  # training raised: the server drops this client from the round, as FederatedTrainer does
             return Message(RecordDict({CONFIG_KEY: status}), reply_to=message)
@@ -123,11 +134,11 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         config = message.content[CONFIG_KEY]
         _check_settings(trainer, config)
         shared_state = state_from_record(message.content[STATE_KEY])
-        _restore_private_states(trainer, context)
         reply, errors = RecordDict(), {}
         for name, client_id in zip(config["clients"], config["client-ids"], strict=True):
             try:
                 _assign_client_id(trainer, name, client_id)
+                _restore_private_state(trainer, name, before_round=int(config.get("server-round", 0)) + 1)
                 trainer.load_trainable_state(trainer.client_state(name, shared_state))
                 # the uniform-descriptor pass only differs from the own-descriptor one for C2A models
                 passes = (
@@ -135,6 +146,7 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
                 )
                 for prefix, own in passes:
                     scores = trainer.evaluate_client(name, own_descriptor=own)
+                    scores.pop("prior_only_accuracy", None)  # a statistic of the client's labels: it stays here
                     reply[prefix + name] = MetricRecord({key: float(value) for key, value in scores.items()})
             except Exception as error:  # one client's failure must not hide the other clients' scores
                 logger.warning("Evaluation of client %r failed: %r", name, error)
@@ -146,16 +158,38 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
     return app
 
 
-def _restore_private_states(trainer: FederatedTrainer, context: Context) -> None:
-    """Give the node's (freshly built) trainer its clients' private tensors kept from earlier rounds."""
-    for key, record in context.state.array_records.items():
-        if key.startswith(PRIVATE_STATE_PREFIX):
-            trainer.client_private_states[key[len(PRIVATE_STATE_PREFIX) :]] = state_from_record(record)
+def _private_state_dir(trainer: FederatedTrainer, name: str) -> Path:
+    # a digest, not the name: a client name is not necessarily a safe file name
+    return Path(trainer.args.output_dir) / PRIVATE_STATE_DIR / hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
-def _keep_private_states(trainer: FederatedTrainer, context: Context) -> None:
-    for name, state in trainer.client_private_states.items():
-        context.state[PRIVATE_STATE_PREFIX + name] = state_to_record(state)
+def _restore_private_state(trainer: FederatedTrainer, name: str, before_round: int) -> None:
+    """Give the node's (freshly built) trainer the newest private tensors client `name` kept before `before_round`."""
+    if not trainer.private_keys:
+        return
+    trainer.client_private_states.pop(name, None)
+    folder = _private_state_dir(trainer, name)
+    rounds = sorted(
+        int(path.stem.split("-")[1]) for path in folder.glob("round-*.safetensors") if path.stem[6:].isdigit()
+    )
+    earlier = [index for index in rounds if index < before_round]
+    if earlier:
+        state = load_file(folder / f"round-{earlier[-1]}.safetensors")
+        if set(state) != set(trainer.private_keys):
+            raise ValueError(f"The private state kept for client {name!r} does not fit this model.")
+        trainer.client_private_states[name] = state
+
+
+def _keep_private_state(trainer: FederatedTrainer, name: str, server_round: int) -> None:
+    state = trainer.client_private_states.get(name)
+    if not state:
+        return
+    folder = _private_state_dir(trainer, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"round-{server_round}.safetensors"
+    temporary = target.with_suffix(".tmp")
+    save_file({key: value.contiguous() for key, value in state.items()}, str(temporary))
+    os.replace(temporary, target)
 
 
 def _check_settings(trainer: FederatedTrainer, config: Mapping[str, Any]) -> None:

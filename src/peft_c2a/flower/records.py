@@ -4,8 +4,7 @@ Keys of a message's `RecordDict`: `STATE_KEY` holds an `ArrayRecord` (the global
 back), `CONFIG_KEY` a `ConfigRecord` of settings (in train replies: the client, its status and error),
 `METRICS_KEY` a `MetricRecord`. Query replies describe a node's clients under `CLIENTS_KEY`; evaluation replies hold
 one `MetricRecord` per client and descriptor under `"{own|uniform}/{client}"`, and clients whose evaluation failed
-under `ERRORS_KEY`. Client-private tensors never travel: a node keeps them in its `context.state` under
-`PRIVATE_STATE_PREFIX + client`.
+under `ERRORS_KEY`. Client-private tensors never travel (the node keeps them, `client_app.py`).
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ CLIENTS_KEY = "clients"
 ERRORS_KEY = "errors"
 OWN_PREFIX = "own/"
 UNIFORM_PREFIX = "uniform/"
-# a node's `context.state` keeps each of its clients' private tensors (C2A's client-id embedding) under this prefix
-PRIVATE_STATE_PREFIX = "private-state/"
 
 TensorDict = dict[str, torch.Tensor]
 
