@@ -466,6 +466,10 @@ def test_quick_preset_end_to_end_and_resume(bench, tmp_path, monkeypatch, restor
     assert record["eval_personalized_mean_accuracy"] == pytest.approx(
         c2a["history"][-1]["eval_personalized_mean_prior_only_accuracy"]
     )  # the trained methods report the same guess beside their own scores
+    # C2A runs log what the hypernetwork does, every evaluated round
+    for record in c2a["history"]:
+        assert 0 < record["diag_adapter_shift"] < 1 and -1 <= record["diag_generator_row_cosine_up"] <= 1
+        assert -1 <= record["diag_descriptor_sensitivity"] <= 1
 
     # the report over the directory: one row per method, each with its chosen lr
     assert bench.main(["--report", "--output_dir", str(out)]) == 0

@@ -456,6 +456,48 @@ def progress_callback(rounds: int) -> Any:
     return Progress()
 
 
+def c2a_round_diagnostics(trainer: Any) -> dict[str, float]:
+    """What C2A's hypernetwork is doing after a round, from the model's global state (one probe batch, cheap):
+
+    - `diag_adapter_shift`: mean over sites of `||adapter delta|| / ||hidden state||` on the first evaluation batch of
+      the first training client, with its own descriptor (divide by a bottleneck run's to compare update sizes);
+    - `diag_generator_row_cosine_{down,up}`: mean pairwise cosine of the generator rows (1: collapsed);
+    - `diag_descriptor_sensitivity`: personalised mean accuracy with each client's own descriptor minus with the
+      uniform one (how much the descriptor is worth; needs the round's evaluation).
+    """
+    import torch
+
+    from peft_c2a.diagnostics import adapter_output_shift
+
+    record = trainer.history[-1]
+    model = trainer.model
+    hyper = model.base_model.c2a_hypernet["default"]
+    diagnostics = {f"diag_generator_row_cosine_{key}": value for key, value in hyper.generator_row_cosine().items()}
+    clients = [name for name in trainer.training_clients if trainer.clients[name].eval_dataset is not None]
+    if clients:
+        probe = next(iter(trainer._client_loader(trainer.clients[clients[0]], None, train=False)))
+        probe = {key: value.to(trainer.args.device) for key, value in probe.items() if isinstance(value, torch.Tensor)}
+        model.eval()
+        diagnostics["diag_adapter_shift"] = adapter_output_shift(model, probe)
+    own = record.get("eval_clients", {})
+    if own:
+        gaps = [own[name]["accuracy"] - trainer.evaluate_client(name, own_descriptor=False)["accuracy"] for name in own]
+        diagnostics["diag_descriptor_sensitivity"] = float(np.mean(gaps))
+    return diagnostics
+
+
+def diagnostics_callback(trainer: Any) -> Any:
+    """A `TrainerCallback` adding `c2a_round_diagnostics` to every evaluated round's history record."""
+    from transformers import TrainerCallback
+
+    class Diagnostics(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if trainer.history and "eval_clients" in trainer.history[-1]:
+                trainer.history[-1].update(c2a_round_diagnostics(trainer))
+
+    return Diagnostics()
+
+
 def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
     """Run one benchmark run in this process and write its JSON file atomically; returns the document.
 
@@ -506,6 +548,8 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
             callbacks=[progress_callback(spec.settings["num_rounds"])],
         )
         trainer.remove_callback(PrinterCallback)  # it would print every round's whole log dict
+        if method.peft_method == "c2a" and method.federation_mode != "local":
+            trainer.add_callback(diagnostics_callback(trainer))
         setup_peak_kb = _status_kb("VmHWM")
         baseline_kb = _status_kb("VmRSS")
         reset = _reset_peak_rss()
