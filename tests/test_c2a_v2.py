@@ -227,3 +227,16 @@ def test_generated_update_has_the_size_of_a_plain_one_on_minilm(tmp_path):
         assert 0.8 <= row["ratio_step_5"] <= 3.5, (lr, row)
     for run in document["runs"]:
         assert max(abs(v) for v in run["c2a"]["generator_row_cosine"].values()) < 0.1
+
+
+def test_an_adapter_of_the_first_version_is_refused(tiny_bert_pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, twin = tiny_bert_pair
+    c2a(model).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["base_model.c2a_hypernet.up_gain"] = torch.zeros(2, 3)  # what v1 saved
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match="first version"):
+        PeftModel.from_pretrained(twin, tmp_path)

@@ -154,3 +154,19 @@ class C2AHyperNetwork(nn.Module):
             cosine = flat @ flat.T
             scores[name] = float((cosine.sum() - cosine.diagonal().sum()) / max(k * (k - 1), 1))
         return scores
+
+
+# Tensors only the first version of the hypernetwork had (a per-site gain and shared bias rows).
+FIRST_VERSION_TENSORS = ("up_gain", "down_bias", "up_bias")
+
+
+def refuse_first_version_state(state_dict: dict, prefix: str, *args: object) -> None:
+    """A load-state-dict pre-hook for the tuner's `c2a_hypernet` dict: refuse an adapter saved by the first version
+    instead of loading it half (PEFT loads adapters non-strictly, and leaves keys it does not know unrenamed)."""
+    found = [key for key in state_dict if key.startswith(prefix) and key.rsplit(".", 1)[-1] in FIRST_VERSION_TENSORS]
+    if found:
+        raise ValueError(
+            f"This C2A adapter was saved by the first version of peft-c2a (it holds {found}); the hypernetwork has "
+            "changed since (no per-site gain, no shared bias rows, a zero-start up generator), so it cannot be loaded. "
+            "Train it again, or load it with peft-c2a 0.1.0 at commit a51c7c4."
+        )

@@ -19,7 +19,7 @@ from torch import nn
 
 from .conditioning import DESCRIPTOR_KWARGS, C2ARuntime, bind_forward_arguments, infer_batch_size
 from .config import C2AConfig, _AdapterSitesConfig
-from .hypernetwork import C2AHyperNetwork
+from .hypernetwork import C2AHyperNetwork, refuse_first_version_state
 from .layer import BottleneckAdapterLayer, C2ALayer
 from .sites import (
     TARGET_MODULES_BY_MODEL_TYPE,
@@ -181,6 +181,7 @@ class C2AModel(_BottleneckTunerBase):
         hypernetwork = self._build_hypernetwork(config, model, hidden_size, num_layers)
         if "c2a_hypernet" not in self._modules:
             self.c2a_hypernet = nn.ModuleDict()
+            self.c2a_hypernet._register_load_state_dict_pre_hook(refuse_first_version_state)
             self._c2a_runtime = C2ARuntime(hypernets=self.c2a_hypernet, active_adapters=list(self.active_adapters))
             self._install_descriptor_plumbing(model)
         self._c2a_plan = plan
