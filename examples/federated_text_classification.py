@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import ClassLabel, DatasetDict, load_dataset, load_from_disk  # noqa: E402

@@ -16,8 +16,6 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402

@@ -9,9 +9,6 @@ the node's own data instead.
 from __future__ import annotations
 
 import functools
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
