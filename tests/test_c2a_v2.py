@@ -208,9 +208,9 @@ def test_label_term_switch(tiny_bert_pair, batch):
 
 @pytest.mark.slow
 def test_generated_update_has_the_size_of_a_plain_one_on_minilm(tmp_path):
-    """One Adam step moves a C2A adapter's output as far as a plain bottleneck adapter's (0.8-1.25) at lr 1e-3,
-    3e-3 and 1e-2; after five steps C2A's shared generator, whose gradient keeps its sign where a plain adapter's
-    flips, has moved further (measured 1.0-3.0, mean 1.7-2.3 over 3 seeds: docs/benchmarks.md)."""
+    """At the same learning rate (1e-3, 3e-3, 1e-2) a C2A adapter's output moves as far as a plain bottleneck
+    adapter's, after one and after five Adam steps: the ratio's mean over 3 seeds is within 0.8-1.25 (the C2A v2
+    target; per-seed figures in docs/benchmarks.md)."""
     import sys
     from pathlib import Path
 
@@ -219,12 +219,12 @@ def test_generated_update_has_the_size_of_a_plain_one_on_minilm(tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        document = calibration.main(["--seeds", "0", "--steps", "5", "--output_dir", str(tmp_path)])
+        document = calibration.main(["--seeds", "0", "1", "2", "--steps", "5", "--output_dir", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     for lr, row in document["summary"].items():
         assert 0.8 <= row["ratio_step_1"] <= 1.25, (lr, row)
-        assert 0.8 <= row["ratio_step_5"] <= 3.5, (lr, row)
+        assert 0.8 <= row["ratio_step_5"] <= 1.25, (lr, row)
     for run in document["runs"]:
         assert max(abs(v) for v in run["c2a"]["generator_row_cosine"].values()) < 0.1
 

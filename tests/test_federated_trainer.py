@@ -133,7 +133,7 @@ class SpyTrainer(FederatedTrainer):
 
 def test_c2a_federation_learns(tmp_path):
     clients, eval_clients = skewed_clients()
-    trainer = build(tmp_path, clients, eval_clients, num_rounds=6, learning_rate=2e-2, local_max_steps=3)
+    trainer = build(tmp_path, clients, eval_clients, num_rounds=8, learning_rate=2e-2, local_max_steps=3)
     trainer.global_state = trainer.get_trainable_state()
     untrained = trainer.evaluate_federation()
     output = trainer.train()
@@ -147,7 +147,7 @@ def test_c2a_federation_learns(tmp_path):
     assert accuracies[-1] > accuracies[0]
     assert accuracies[-1] >= 0.9 > prior_only > 1 / NUM_LABELS
     assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
-    assert output.global_step == 6
+    assert output.global_step == 8
     assert output.training_loss == pytest.approx(float(np.mean(losses)))
 
 
