@@ -21,7 +21,7 @@ from transformers import BertForSequenceClassification, TrainerCallback, default
 import peft_c2a
 from peft_c2a.federated import CheckpointError, latest_checkpoint, read_checkpoint
 from peft_c2a.federated import checkpoint as checkpoint_module
-from peft_c2a.federated import trainer as trainer_module
+from peft_c2a.federated import server as server_module
 from peft_c2a.federated.checkpoint import MANIFEST, list_checkpoints
 
 from .conftest import NUM_LABELS, tiny_bert_config
@@ -220,14 +220,14 @@ def test_resume_is_exact_with_fedadam_server_state(tmp_path, monkeypatch):
     # the server state is what makes it exact: resuming without it gives a different round 3
     server = load_file(str(tmp_path / "split" / "round-2" / "server_optimizer.safetensors"))
     assert any(key.startswith("m/") and value.abs().sum() > 0 for key, value in server.items())
-    real = trainer_module.make_server_optimizer
+    real = server_module.make_server_optimizer
 
     def forgetful(args):
         optimizer = real(args)
         optimizer.load_state_dict = lambda state: None
         return optimizer
 
-    monkeypatch.setattr(trainer_module, "make_server_optimizer", forgetful)
+    monkeypatch.setattr(server_module, "make_server_optimizer", forgetful)
     shutil.copytree(tmp_path / "split" / "round-2", tmp_path / "forgetful" / "round-2")
     forgot = make(tmp_path / "forgetful", num_rounds=3, save_every_rounds=0, eval_every_rounds=0)
     forgot.train(resume_from_checkpoint=True)

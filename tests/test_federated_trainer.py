@@ -20,7 +20,7 @@ from peft import PromptTuningConfig, get_peft_model
 from transformers import BertForSequenceClassification, TrainingArguments, default_data_collator
 
 import peft_c2a
-import peft_c2a.federated.trainer as trainer_module
+import peft_c2a.federated.server as server_module
 from peft_c2a.federated import FedAdamServer, FederatedTrainer, FederatedTrainingArguments, state_nbytes
 from peft_c2a.federated.metrics import write_history
 
@@ -38,7 +38,7 @@ def _fast_cpu():
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
-            trainer_module, "write_history", lambda history, output_dir: write_history(history, output_dir, False)
+            server_module, "write_history", lambda history, output_dir: write_history(history, output_dir, False)
         )
         yield
     torch.set_num_threads(threads)
@@ -508,7 +508,7 @@ def test_fedadam_and_fedyogi_apply_the_server_optimizer_to_the_mean_update(aggre
 
 
 def test_history_metrics_and_output_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "write_history", write_history)  # with the plot
+    monkeypatch.setattr(server_module, "write_history", write_history)  # with the plot
     sizes = {f"client-{i}": 8 for i in range(5)}
     clients, eval_clients = make_clients(sizes, seed=2, eval_size=6)
     global_eval = token_dataset(10, 99, [0, 1, 2])

@@ -244,14 +244,14 @@ def test_strategy_checks_its_input(tmp_path):
     with pytest.raises(ValueError, match="federation_mode='local'"):
         FederatedStrategy(model, fed_args(tmp_path, federation_mode="local"))
     strategy = FederatedStrategy(model, fed_args(tmp_path, **federation_settings()))
-    strategy.training_clients = ["client-0", "client-1"]
+    strategy.register_clients({1: describe(["client-0", "client-1"])})
     strategy.save_checkpoint(1)
     other = FederatedStrategy(tiny_model("c2a"), fed_args(tmp_path, **federation_settings(seed=1)))
-    other.training_clients = ["client-0", "client-1"]
+    other.register_clients({1: describe(["client-0", "client-1"], seed=1)})
     with pytest.raises(CheckpointError, match="seed"):
         other.load_checkpoint(tmp_path / "round-1")
     bottleneck = FederatedStrategy(tiny_model("bottleneck"), fed_args(tmp_path, **federation_settings()))
-    bottleneck.training_clients = ["client-0", "client-1"]
+    bottleneck.register_clients({1: describe(["client-0", "client-1"])})
     with pytest.raises(CheckpointError, match="does not fit"):
         bottleneck.load_checkpoint(tmp_path / "round-1")
     (tmp_path / "round-1" / "trainable_state.safetensors").write_bytes(b"garbage")

@@ -1,5 +1,7 @@
 """Federated fine-tuning of any PEFT model with `transformers.Trainer` machinery.
 
+- `FederationServer`: the server side of a federation (roster, global state, aggregation, history, checkpoints),
+  shared by `FederatedTrainer` and the Flower strategy.
 - `FederatedTrainingArguments` / `FederatedTrainer`: rounds, client sampling, FedAvg / FedProx / FedAdam / FedYogi,
   local-only and centralised baselines, per-client metrics, bytes accounting, atomic checkpoints and exact resume;
   clients are sharded across processes under `accelerate launch` / `torchrun`.
@@ -25,16 +27,19 @@ from .partitioning import (
     plot_label_heatmap,
     quantity_skew_partition,
 )
+from .server import ClientReport, FederationServer
 from .trainer import FederatedTrainer
 
 __all__ = [
     "CheckpointError",
     "ClientData",
+    "ClientReport",
     "DescriptorCollator",
     "DescriptorSpec",
     "FedAdamServer",
     "FedAvgServer",
     "FederatedTrainer",
+    "FederationServer",
     "FederatedTrainingArguments",
     "UpdateAccumulator",
     "classification_metrics",

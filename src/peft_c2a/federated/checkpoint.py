@@ -13,12 +13,14 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -193,6 +195,38 @@ def optimizer_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mappin
             index, key = flat_key.split("/", 1)
             state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": metadata["param_groups"]}
+
+
+def indexed_states(states: Mapping[str, Mapping[str, torch.Tensor]], order: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-client states as one flat tensor dict, `"{index in order}/{key}"` (client names never become keys)."""
+    return {f"{index}/{key}": value for index, name in enumerate(order) for key, value in states[name].items()}
+
+
+def unindexed_states(tensors: Mapping[str, torch.Tensor], order: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The inverse of `indexed_states`."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for index, name in enumerate(order):
+        prefix = f"{index}/"
+        states[name] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+    return states
+
+
+def rng_states_to_json() -> dict[str, Any]:
+    """Python's and numpy's global RNG states as JSON (`python_rng`, `numpy_rng`); torch's goes in a tensor file."""
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state()
+    return {
+        "python_rng": [version, list(internal), gauss],
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+
+
+def rng_states_from_json(meta: Mapping[str, Any]) -> None:
+    """Restore the RNG states `rng_states_to_json` recorded."""
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_rng = meta["numpy_rng"]
+    np.random.set_state((numpy_rng[0], np.asarray(numpy_rng[1], dtype=np.uint32), *numpy_rng[2:]))
 
 
 def _sha256(path: Path) -> str:

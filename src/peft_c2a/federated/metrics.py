@@ -97,6 +97,23 @@ def summarize_clients(per_client: Mapping[str, Mapping[str, float]], prefix: str
     return summary
 
 
+def evaluation_summary(
+    global_scores: Mapping[str, float],
+    seen: Mapping[str, Mapping[str, float]],
+    unseen: Mapping[str, Mapping[str, float]],
+) -> dict[str, Any]:
+    """One evaluation's record, the same for both engines: `eval_global_*` from `global_scores`,
+    `eval_personalized_*` summarised over the training clients (`seen`), `eval_unseen_*` over the unseen ones, and
+    the per-client scores under `eval_clients` / `eval_unseen_clients`."""
+    out: dict[str, Any] = {f"eval_global_{key}": value for key, value in global_scores.items()}
+    out.update(summarize_clients(seen, "eval_personalized"))
+    out.update(summarize_clients(unseen, "eval_unseen"))
+    out["eval_clients"] = dict(sorted(seen.items()))
+    if unseen:
+        out["eval_unseen_clients"] = dict(sorted(unseen.items()))
+    return out
+
+
 def scalar_items(record: Mapping[str, Any]) -> dict[str, float]:
     """The numeric, non-nested entries of a history record (what goes to loggers and the CSV)."""
     return {

@@ -1,15 +1,13 @@
-"""The parts of a federated round that every engine shares: who trains, which updates count, what is recorded.
+"""Trainable state and the rules both engines apply to it: what crosses the wire (the trainable, non-private
+tensors), how a state is loaded into a model, which clients a round draws, and which updates a server refuses.
 
-`FederatedTrainer` (one machine, or processes under accelerate) and the Flower strategy (`peft_c2a.flower`) both
-call these functions, so the two engines sample the same clients, reject the same updates and write the same
-history records; only how tensors travel differs.
+`FederationServer` (`server.py`) applies them for both engines; client nodes use the state helpers.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -110,70 +108,3 @@ def screen_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, to
     if bad:
         return f"non-finite update in {bad[:3]}"
     return None
-
-
-def require_enough_updates(
-    round_index: int, sampled: Sequence[str], reports: Sequence[Mapping[str, Any]], args: FederatedTrainingArguments
-) -> list[Mapping[str, Any]]:
-    """The usable (`status == "ok"`) reports; raises `RuntimeError` if fewer than `min_clients_per_round`.
-
-    The check runs before the server step, so a failed round changes nothing (and the last checkpoint stays valid).
-    """
-    usable = [report for report in reports if report["status"] == "ok"]
-    if len(usable) < min(args.min_clients_per_round, len(sampled)):
-        problems = {report["client"]: report.get("error") for report in reports if report["status"] != "ok"}
-        missing = sorted(set(sampled) - {report["client"] for report in reports})
-        if missing:
-            problems.update(dict.fromkeys(missing, "no reply"))
-        raise RuntimeError(
-            f"Round {round_index}: only {len(usable)} usable client updates, below `min_clients_per_round="
-            f"{args.min_clients_per_round}`. Failed or rejected clients: {problems}. The last checkpoint is intact."
-        )
-    return usable
-
-
-def round_record(round_index: int, sampled: Sequence[str], reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The history record of a round's training: losses, counts, bytes, and which clients failed or were rejected.
-
-    Each report is a dict with `client`, `status` (`ok` / `failed` / `rejected`), `bytes_down`, `bytes_up`, and for
-    usable ones `num_examples`, `train_loss`, `local_steps`; failed or rejected ones carry `error`.
-    """
-    usable = [report for report in reports if report["status"] == "ok"]
-    examples = sum(report["num_examples"] for report in usable)
-    loss = sum(report["train_loss"] * report["num_examples"] for report in usable) / examples if examples else math.nan
-    return {
-        "round": round_index,
-        "train_loss": loss,
-        "num_sampled_clients": len(sampled),
-        "num_clients_ok": len(usable),
-        "num_train_examples": examples,
-        "local_steps": sum(report["local_steps"] for report in usable),
-        "bytes_down": sum(report["bytes_down"] for report in reports),
-        "bytes_up": sum(report["bytes_up"] for report in reports),
-        "bytes_up_per_client": max((report["bytes_up"] for report in usable), default=0),
-        "sampled_clients": list(sampled),
-        "failed_clients": {r["client"]: r.get("error") for r in reports if r["status"] == "failed"},
-        "rejected_clients": {r["client"]: r.get("error") for r in reports if r["status"] == "rejected"},
-        "client_train_loss": {report["client"]: report["train_loss"] for report in usable},
-    }
-
-
-def run_identity(
-    args: FederatedTrainingArguments, training_clients: Sequence[str], unseen_clients: Sequence[str]
-) -> dict[str, Any]:
-    """What must be the same for a checkpoint to continue a run: it decides which clients train when, and how."""
-    return {
-        "federation_mode": args.federation_mode,
-        "aggregation": args.aggregation,
-        "training_clients": list(training_clients),
-        "unseen_clients": list(unseen_clients),
-        "seed": args.seed,
-        "client_sampling_seed": args.effective_client_sampling_seed,
-        "clients_per_round": args.num_sampled_clients(len(training_clients)),
-    }
-
-
-def is_evaluation_round(round_index: int, args: FederatedTrainingArguments) -> bool:
-    """Whether round `round_index` ends with an evaluation (every `eval_every_rounds`, and always the last)."""
-    every = args.eval_every_rounds
-    return bool(every and round_index % every == 0) or round_index == args.num_rounds

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,25 +41,20 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_concat, nested_numpify
 from transformers.trainer_utils import EvalPrediction, TrainOutput, set_seed
 
-from .aggregation import UpdateAccumulator, make_server_optimizer, non_finite_tensors, state_nbytes
+from .aggregation import UpdateAccumulator, non_finite_tensors, state_nbytes
 from .arguments import FederatedTrainingArguments
 from .checkpoint import (
     CLIENT_PRIVATE_FILE,
     CLIENT_STATES_FILE,
-    FEDERATION_STATE_FILE,
-    HISTORY_FILE,
     OPTIMIZER_FILE,
     RNG_FILE,
-    SERVER_STATE_FILE,
-    TRAINABLE_STATE_FILE,
     CheckpointError,
-    latest_checkpoint,
+    indexed_states,
     optimizer_from_tensors,
     optimizer_to_tensors,
-    prune_checkpoints,
-    read_checkpoint,
-    remove_stale_temporaries,
-    write_checkpoint,
+    rng_states_from_json,
+    rng_states_to_json,
+    unindexed_states,
 )
 from .clients import (
     DESCRIPTOR_COLUMNS,
@@ -70,25 +64,9 @@ from .clients import (
     descriptor_spec,
     expected_num_labels,
 )
-from .metrics import (
-    classification_metrics,
-    loggable_items,
-    prior_only_accuracy,
-    scalar_items,
-    summarize_clients,
-    write_history,
-)
-from .rounds import (
-    is_evaluation_round,
-    load_trainable_state,
-    private_parameter_names,
-    require_enough_updates,
-    round_record,
-    run_identity,
-    sample_round_clients,
-    trainable_parameters,
-    trainable_state,
-)
+from .metrics import classification_metrics, evaluation_summary, loggable_items, prior_only_accuracy, scalar_items
+from .rounds import load_trainable_state, private_parameter_names, trainable_parameters, trainable_state
+from .server import ClientReport, FederationServer, ServerBacked
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +75,7 @@ POOLED_CLIENT = "__pooled__"
 TensorDict = dict[str, torch.Tensor]
 
 
-class FederatedTrainer(Trainer):
+class FederatedTrainer(ServerBacked, Trainer):
     """A `Trainer` that fine-tunes one model across many clients by federated rounds.
 
     Args:
@@ -163,22 +141,15 @@ class FederatedTrainer(Trainer):
         self.clients: dict[str, ClientData] = build_clients(
             client_datasets, client_eval_datasets, self.descriptor_spec, self.num_labels
         )
-        unseen = list(unseen_clients or [])
-        unknown = sorted(set(unseen) - set(self.clients))
-        if unknown:
-            raise ValueError(f"`unseen_clients` names clients missing from `client_datasets`: {unknown}.")
-        self.unseen_clients = sorted(unseen)
-        self.training_clients = [name for name in sorted(self.clients) if name not in self.unseen_clients]
-        if not self.training_clients:
-            raise ValueError("Every client is listed in `unseen_clients`: none is left to train.")
+        # the server side of the federation: roster, global state, server optimizer, history, checkpoints
+        self.server = FederationServer(args, {}, is_writer=self.is_world_process_zero())
+        self.server.set_roster(self.clients, list(unseen_clients or []), where="missing from `client_datasets`")
         if not args.reset_optimizer_each_round and args.world_size > 1:
             raise ValueError("`reset_optimizer_each_round=False` is supported in a single process only.")
         if args.federation_mode == "centralized":
             self._pooled_client = ClientData(POOLED_CLIENT, self._pool_training_clients())
         # datasets with the model's unused columns removed, made once per dataset instead of every round
         self._prepared: dict[tuple[str, bool], tuple[Any, Any]] = {}
-        self.history: list[dict[str, Any]] = []
-        self.global_state: TensorDict = {}
         self.client_states: dict[str, TensorDict] = {}
         # C2A's client-id embedding: each federated client keeps its own copy (`client_state`)
         self.private_keys = private_parameter_names(model) if args.federation_mode == "federated" else frozenset()
@@ -188,7 +159,6 @@ class FederatedTrainer(Trainer):
             if name in self.private_keys
         }
         self.client_private_states: dict[str, TensorDict] = {}
-        self.server_optimizer = make_server_optimizer(args)
         self._proximal_anchor: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
 
     # ---- the trainable state -------------------------------------------------------------------------------------
@@ -240,32 +210,17 @@ class FederatedTrainer(Trainer):
             raise TypeError(f"Unexpected arguments: {sorted(kwargs)}.")
         args = self.args
         # checked here, not in __init__: a Flower node builds a trainer for its own client only and never runs rounds
-        per_round = args.num_sampled_clients(len(self.training_clients))
-        if args.federation_mode != "centralized" and args.min_clients_per_round > per_round:
-            raise ValueError(
-                f"`min_clients_per_round={args.min_clients_per_round}` exceeds the {per_round} clients sampled per "
-                "round: every round would fail."
-            )
+        if args.federation_mode != "centralized":
+            self.server.check_sampling()
         start_time = time.time()
-        self.global_state = {k: v for k, v in self.get_trainable_state().items() if k not in self.private_keys}
+        self.server.reset({k: v for k, v in self.get_trainable_state().items() if k not in self.private_keys})
         self.client_states = {}
         self.client_private_states = {}
-        self.history = []
-        self.server_optimizer = make_server_optimizer(args)
         first_round = 1
-        if self.is_world_process_zero():
-            for stale in remove_stale_temporaries(args.output_dir):
-                logger.warning("Removed %s, a checkpoint left half-written by an interrupted run.", stale)
-        if resume_from_checkpoint not in (None, False):
-            path = (
-                latest_checkpoint(args.output_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
-            )
-            if path is None:
-                raise CheckpointError(f"No complete federated checkpoint (round-*/) found in {args.output_dir}.")
+        path = self.server.checkpoint_to_resume(resume_from_checkpoint)
+        if path is not None:
             first_round = self._load_federation_checkpoint(path) + 1
-            logger.info("Resuming the federation after round %d from %s.", first_round - 1, path)
-            # wall time counts from the start of the original run
-            start_time -= self.history[-1].get("wall_time", 0.0) if self.history else 0.0
+            start_time -= self.server.elapsed_before_resume()
 
         self.state.max_steps = args.num_rounds
         self.state.global_step = first_round - 1
@@ -275,13 +230,11 @@ class FederatedTrainer(Trainer):
         for round_index in range(first_round, args.num_rounds + 1):
             record = self._run_round(round_index, ignore_keys_for_eval)
             record["wall_time"] = time.time() - start_time
-            self.history.append(record)
+            self.server.add_record(record)
             self.state.global_step = round_index
             self.log(loggable_items(record))
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            if self.is_world_process_zero():
-                write_history(self.history, args.output_dir)
-            if args.save_every_rounds and (round_index % args.save_every_rounds == 0 or round_index == args.num_rounds):
+            if self.server.is_checkpoint_round(round_index):
                 self._save_federation_checkpoint(round_index)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         losses = [record["train_loss"] for record in self.history if math.isfinite(record.get("train_loss", math.nan))]
@@ -293,7 +246,7 @@ class FederatedTrainer(Trainer):
         """The clients that train in `round_index` (deterministic in the sampling seed and the round)."""
         if self.args.federation_mode == "centralized":
             return [POOLED_CLIENT]
-        return sample_round_clients(self.training_clients, round_index, self.args)
+        return self.server.sample(round_index)
 
     def _run_round(self, round_index: int, ignore_keys_for_eval: Optional[list[str]]) -> dict[str, Any]:
         args = self.args
@@ -302,24 +255,25 @@ class FederatedTrainer(Trainer):
         mine = sampled[args.process_index :: args.world_size]
         local_mode = args.federation_mode == "local"
         accumulator = UpdateAccumulator(self.global_state)
-        reports, new_client_states, new_private_states = [], {}, {}
+        reports: list[ClientReport] = []
+        new_client_states, new_private_states = {}, {}
         for name in mine:
             start_state = self.client_states.get(name, self.global_state) if local_mode else self.global_state
             report, update = self.train_client(name, round_index, start_state)
             reports.append(report)
-            if report["status"] != "ok":
+            if not report.ok:
                 continue
             if local_mode:
                 new_client_states[name] = self.get_trainable_state()  # exact, unlike start + update
             else:
-                accumulator.add(update, report["num_examples"])
+                accumulator.add(update, report.num_examples)
                 if name in self.client_private_states:
                     new_private_states[name] = self.client_private_states[name]
 
         if args.world_size > 1:
             reports = gather_object(reports)
             accumulator.weighted_sum = self.accelerator.reduce(accumulator.weighted_sum.to(args.device), "sum").cpu()
-            accumulator.total_weight = sum(r["num_examples"] for r in reports if r["status"] == "ok" and not local_mode)
+            accumulator.total_weight = sum(r.num_examples for r in reports if r.ok and not local_mode)
             if local_mode:
                 for part in gather_object([new_client_states]):
                     self.client_states.update(part)
@@ -328,17 +282,11 @@ class FederatedTrainer(Trainer):
                     self.client_private_states.update(part)
         else:
             self.client_states.update(new_client_states)
-        reports.sort(key=lambda r: sampled.index(r["client"]))
-        # the centralised baseline trains one pooled client per round (its min_clients_per_round check is skipped in
-        # __init__ for that reason); federated rounds always sample at least min_clients_per_round clients
-        require_enough_updates(round_index, sampled, reports, args)
-        if not local_mode:
-            self.global_state = self.server_optimizer.step(self.global_state, accumulator.mean())
+        # checks that enough updates are usable, then takes the server step (none in the local-only baseline)
+        record = self.server.finish_round(round_index, sampled, reports, None if local_mode else accumulator)
         self.load_trainable_state(self.client_state(None, self.global_state))
-
-        record = round_record(round_index, sampled, reports)
         record["train_time"] = time.time() - round_start
-        if is_evaluation_round(round_index, args):
+        if self.server.is_evaluation_round(round_index):
             eval_start = time.time()
             record.update(self.evaluate_federation(ignore_keys=ignore_keys_for_eval))
             record["eval_time"] = time.time() - eval_start
@@ -382,11 +330,11 @@ class FederatedTrainer(Trainer):
 
     def train_client(
         self, name: str, round_index: int, start_state: Mapping[str, torch.Tensor]
-    ) -> tuple[dict[str, Any], Optional[TensorDict]]:
+    ) -> tuple[ClientReport, Optional[TensorDict]]:
         """Train client `name` for round `round_index` from `start_state`: one client's whole part of a round.
 
-        Returns its report (`client`, `status` ok / failed / rejected, example count, mean local loss, local steps,
-        bytes down and up, `error`) and its update `local - start` (`None` when training raised). Only `ok` updates
+        Returns its `ClientReport` (status ok / failed / rejected, example count, mean local loss, local steps, bytes
+        down and up, error) and its update `local - start` (`None` when training raised). Only `ok` updates
         may be averaged in: a failed client, or one whose update is not finite (`rejected`), is dropped from the
         round, never fatal to the federation. The model is left holding the client's local state.
 
@@ -396,31 +344,34 @@ class FederatedTrainer(Trainer):
         """
         # the local-only and centralised baselines communicate no model state
         communicates = self.args.federation_mode == "federated"
-        report: dict[str, Any] = {"client": name, "bytes_down": state_nbytes(start_state) if communicates else 0}
+        bytes_down = state_nbytes(start_state) if communicates else 0
         own_start = self.client_state(name, start_state)
         self.load_trainable_state(own_start)
         try:
-            report.update(self._run_local_training(name, round_index, own_start))
+            stats = self._run_local_training(name, round_index, own_start)
         except Exception as error:  # any failure of one client drops that client, never the federation
             logger.warning("Round %d: client %r failed and is dropped: %r", round_index, name, error)
             self.model.zero_grad(set_to_none=True)
-            return report | {"status": "failed", "error": repr(error), "bytes_up": 0}, None
+            return ClientReport(name, "failed", bytes_down=bytes_down, error=repr(error)), None
         local_state = self.get_trainable_state()
         update = {key: local_state[key] - start_state[key] for key in start_state}
-        report["bytes_up"] = state_nbytes(update) if communicates else 0
+        report = ClientReport(name, "ok", bytes_down=bytes_down, bytes_up=state_nbytes(update) if communicates else 0)
+        report.num_examples, report.train_loss, report.local_steps = stats
         bad = non_finite_tensors(update)
         if bad:
             logger.warning(
                 "Round %d: client %r sent a non-finite update (%s ...); rejected.", round_index, name, bad[0]
             )
-            return report | {"status": "rejected", "error": f"non-finite update in {bad[:3]}"}, update
+            report.status, report.error = "rejected", f"non-finite update in {bad[:3]}"
+            return report, update
         private = {key: local_state[key] for key in self.private_keys if key not in start_state}
         if private:
             self.client_private_states[name] = private
-        return report | {"status": "ok"}, update
+        return report, update
 
-    def _run_local_training(self, name: str, round_index: int, start_state: TensorDict) -> dict[str, Any]:
-        """Train the model (holding `start_state`) on client `name`'s data for one round; report what happened."""
+    def _run_local_training(self, name: str, round_index: int, start_state: TensorDict) -> tuple[int, float, int]:
+        """Train the model (holding `start_state`) on client `name`'s data for one round; return its example count,
+        mean loss and optimizer steps."""
         args = self.args
         seed = self.client_seed(round_index, name)
         set_seed(seed)
@@ -463,11 +414,7 @@ class FederatedTrainer(Trainer):
                 seen += 1
         finally:
             self._proximal_anchor = None
-        return {
-            "num_examples": client.num_examples,
-            "train_loss": loss_sum / max(seen, 1),
-            "local_steps": seen,
-        }
+        return client.num_examples, loss_sum / max(seen, 1), seen
 
     def _local_optimizer(self, num_updates: int) -> torch.optim.Optimizer:
         """A fresh optimizer and schedule per client and round, or the carried-over optimizer with a new schedule."""
@@ -560,15 +507,7 @@ class FederatedTrainer(Trainer):
         per_kind: dict[str, dict[str, dict[str, float]]] = {"global": {}, "client": {}, "unseen": {}}
         for kind, name, scores in results:
             per_kind[kind][name] = scores
-        out: dict[str, Any] = {}
-        for key, value in per_kind["global"].get("global", {}).items():
-            out[f"eval_global_{key}"] = value
-        out.update(summarize_clients(per_kind["client"], "eval_personalized"))
-        out.update(summarize_clients(per_kind["unseen"], "eval_unseen"))
-        out["eval_clients"] = dict(sorted(per_kind["client"].items()))
-        if per_kind["unseen"]:
-            out["eval_unseen_clients"] = dict(sorted(per_kind["unseen"].items()))
-        return out
+        return evaluation_summary(per_kind["global"].get("global", {}), per_kind["client"], per_kind["unseen"])
 
     def evaluate_client(
         self, name: str, own_descriptor: bool = True, ignore_keys: Optional[list[str]] = None
@@ -641,116 +580,60 @@ class FederatedTrainer(Trainer):
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
     def _save_federation_checkpoint(self, round_index: int) -> None:
+        """The server's checkpoint plus what only this engine has: RNG states, per-client states, the local
+        optimizer (when it carries over), and the global adapter via `save_pretrained`."""
         args = self.args
         if self.is_world_process_zero():
-            tensors: dict[str, TensorDict] = {
-                TRAINABLE_STATE_FILE: self.global_state,
-                SERVER_STATE_FILE: self.server_optimizer.state_dict(),
-                RNG_FILE: {"torch": torch.get_rng_state()},
-            }
-            client_order = sorted(self.client_states)
+            tensors: dict[str, TensorDict] = {RNG_FILE: {"torch": torch.get_rng_state()}}
+            client_order, private_order = sorted(self.client_states), sorted(self.client_private_states)
             if client_order:
-                tensors[CLIENT_STATES_FILE] = _indexed(self.client_states, client_order)
-            private_order = sorted(self.client_private_states)
+                tensors[CLIENT_STATES_FILE] = indexed_states(self.client_states, client_order)
             if private_order:
-                tensors[CLIENT_PRIVATE_FILE] = _indexed(self.client_private_states, private_order)
+                tensors[CLIENT_PRIVATE_FILE] = indexed_states(self.client_private_states, private_order)
             optimizer_meta = None
             if not args.reset_optimizer_each_round and self.optimizer is not None:
                 tensors[OPTIMIZER_FILE], optimizer_meta = optimizer_to_tensors(
                     _unwrap_optimizer(self.optimizer).state_dict()
                 )
-            numpy_state = np.random.get_state()
-            documents = {
-                FEDERATION_STATE_FILE: {
-                    "round": round_index,
-                    "num_rounds": args.num_rounds,
-                    **self._checkpoint_identity(),
-                    "client_state_order": client_order,
-                    "client_private_order": private_order,
-                    "local_optimizer": optimizer_meta,
-                    "python_rng": _python_rng_to_json(random.getstate()),
-                    "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-                },
-                HISTORY_FILE: self.history,
+            meta = {
+                "client_state_order": client_order,
+                "client_private_order": private_order,
+                "local_optimizer": optimizer_meta,
+                **rng_states_to_json(),
             }
             # the global state is in the model now, so PeftModel.save_pretrained writes the global adapter
             write_extra = self.model.save_pretrained if isinstance(self.model, PeftModel) else None
-            path = write_checkpoint(args.output_dir, round_index, tensors, documents, write_extra)
-            prune_checkpoints(args.output_dir, args.save_total_limit)
-            logger.info("Saved the round-%d checkpoint to %s.", round_index, path)
+            self.server.save_checkpoint(round_index, tensors, meta, write_extra)
         self.accelerator.wait_for_everyone()
 
-    def _checkpoint_identity(self) -> dict[str, Any]:
-        return run_identity(self.args, self.training_clients, self.unseen_clients)
-
     def _load_federation_checkpoint(self, path: Path) -> int:
-        """Restore everything from checkpoint `path`; return its round. Raises `CheckpointError` on any mismatch."""
-        tensors, documents = read_checkpoint(path)
-        try:
-            meta = documents[FEDERATION_STATE_FILE]
-            history = documents[HISTORY_FILE]
-            global_state = tensors[TRAINABLE_STATE_FILE]
-        except KeyError as error:
-            raise CheckpointError(
-                f"Checkpoint {path} lacks {error.args[0]}: it is not a federated checkpoint."
-            ) from error
-        args = self.args
-        expected = self._checkpoint_identity()
-        for key, value in expected.items():
-            if meta.get(key) != value:
-                raise CheckpointError(
-                    f"Checkpoint {path} was written with {key}={meta.get(key)!r}, but this run has {value!r}."
-                )
-        round_index = int(meta["round"])
-        if round_index > args.num_rounds:
-            raise CheckpointError(
-                f"Checkpoint {path} is at round {round_index}, beyond `num_rounds={args.num_rounds}`."
-            )
+        """Restore everything from checkpoint `path`; return its round. Raises `CheckpointError` on any mismatch,
+        before anything is changed."""
+        checkpoint = self.server.read_checkpoint(path)
+        meta, tensors = checkpoint.meta, checkpoint.tensors
+        carries_optimizer = meta.get("local_optimizer") is not None and not self.args.reset_optimizer_each_round
         needed = [RNG_FILE] + ([CLIENT_STATES_FILE] if meta.get("client_state_order") else [])
         needed += [CLIENT_PRIVATE_FILE] if meta.get("client_private_order") else []
-        if meta.get("local_optimizer") is not None and not args.reset_optimizer_each_round:
-            needed.append(OPTIMIZER_FILE)
+        needed += [OPTIMIZER_FILE] if carries_optimizer else []
         missing = [name for name in needed if name not in tensors]
         if missing:
             raise CheckpointError(f"Checkpoint {path} lacks {missing}: it is incomplete.")
-        server = make_server_optimizer(args)
         try:
-            server.load_state_dict(tensors.get(SERVER_STATE_FILE, {}))
-        except ValueError as error:
-            raise CheckpointError(f"Checkpoint {path} has an unusable server optimizer state: {error}") from error
-        try:
-            load_trainable_state(self.model, global_state, keep=self.private_keys)
+            load_trainable_state(self.model, checkpoint.global_state, keep=self.private_keys)
         except ValueError as error:
             raise CheckpointError(f"Checkpoint {path} does not fit this model: {error}") from error
-        self.global_state = {key: value.clone() for key, value in global_state.items()}
-        self.server_optimizer = server
-        self.client_states = _unindexed(tensors.get(CLIENT_STATES_FILE, {}), meta.get("client_state_order", []))
-        self.client_private_states = _unindexed(
+        round_index = self.server.restore(checkpoint)
+        self.client_states = unindexed_states(tensors.get(CLIENT_STATES_FILE, {}), meta.get("client_state_order", []))
+        self.client_private_states = unindexed_states(
             tensors.get(CLIENT_PRIVATE_FILE, {}), meta.get("client_private_order", [])
         )
-        if meta.get("local_optimizer") is not None and not args.reset_optimizer_each_round:
+        if carries_optimizer:
             self._local_optimizer(1)
             state = optimizer_from_tensors(tensors[OPTIMIZER_FILE], meta["local_optimizer"])
             _unwrap_optimizer(self.optimizer).load_state_dict(state)
         torch.set_rng_state(tensors[RNG_FILE]["torch"])
-        random.setstate(_python_rng_from_json(meta["python_rng"]))
-        numpy_rng = meta["numpy_rng"]
-        np.random.set_state((numpy_rng[0], np.asarray(numpy_rng[1], dtype=np.uint32), *numpy_rng[2:]))
-        self.history = [record for record in history if record["round"] <= round_index]
+        rng_states_from_json(meta)
         return round_index
-
-
-def _indexed(states: Mapping[str, TensorDict], order: Sequence[str]) -> TensorDict:
-    """Per-client states as one flat tensor dict, `"{index in order}/{key}"` (client names never become keys)."""
-    return {f"{index}/{key}": value for index, name in enumerate(order) for key, value in states[name].items()}
-
-
-def _unindexed(tensors: Mapping[str, torch.Tensor], order: Sequence[str]) -> dict[str, TensorDict]:
-    states: dict[str, TensorDict] = {}
-    for index, name in enumerate(order):
-        prefix = f"{index}/"
-        states[name] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-    return states
 
 
 def _cycle(loader: DataLoader) -> Iterator[Any]:
@@ -761,13 +644,3 @@ def _cycle(loader: DataLoader) -> Iterator[Any]:
 
 def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
-
-
-def _python_rng_to_json(state: tuple) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _python_rng_from_json(state: list) -> tuple:
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)

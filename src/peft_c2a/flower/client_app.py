@@ -112,17 +112,17 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         server_round = int(config["server-round"])
         _restore_private_state(trainer, name, before_round=server_round)
         report, update = trainer.train_client(name, server_round, start_state)
-        if report["status"] == "ok":
+        if report.ok:
             _keep_private_state(trainer, name, server_round)
-        status = ConfigRecord({"client": name, "status": report["status"], "error": str(report.get("error", ""))})
+        status = ConfigRecord({"client": name, "status": report.status, "error": report.error or ""})
         if update is None:  # training raised: the server drops this client from the round, as FederatedTrainer does
             return Message(RecordDict({CONFIG_KEY: status}), reply_to=message)
         # a non-finite update is sent all the same: the server screens every update and records the rejection
         metrics = MetricRecord(
             {
-                "num-examples": int(report["num_examples"]),
-                "train-loss": float(report["train_loss"]),
-                "local-steps": int(report["local_steps"]),
+                "num-examples": int(report.num_examples),
+                "train-loss": float(report.train_loss),
+                "local-steps": int(report.local_steps),
             }
         )
         content = RecordDict({STATE_KEY: state_to_record(update), METRICS_KEY: metrics, CONFIG_KEY: status})

@@ -1,9 +1,9 @@
 """`FederatedStrategy`: the server side of a `FederatedTrainer` federation, as a Flower `Strategy`.
 
-It shares its algorithm with `FederatedTrainer` function for function: `sample_round_clients` picks who trains,
-`screen_update` rejects malformed or non-finite updates, `UpdateAccumulator` + the server optimizer of
-`make_server_optimizer` aggregate, `round_record` / `summarize_clients` write the history. With the same clients,
-settings and seed, its global state equals the trainer's (tested).
+The algorithm is `FederatedTrainer`'s, held by the same `FederationServer` object (roster, sampling, aggregation and
+the server step, history, checkpoints); this class only exchanges Flower messages with the nodes and screens what
+comes back (`screen_update`). With the same clients, settings and seed, its global state equals the trainer's
+(tested).
 
 Flower's strategies address nodes; this one addresses *clients*: a `query` message asks every node which clients it
 holds, and each round's seeded sample of clients is mapped onto their nodes. `start` adds what Flower lacks: a
@@ -28,33 +28,12 @@ from flwr.serverapp.strategy import Result, Strategy
 from peft import PeftModel
 from torch import nn
 
-from ..federated.aggregation import UpdateAccumulator, make_server_optimizer, state_nbytes
+from ..federated.aggregation import UpdateAccumulator, state_nbytes
 from ..federated.arguments import FederatedTrainingArguments
-from ..federated.checkpoint import (
-    FEDERATION_STATE_FILE,
-    HISTORY_FILE,
-    SERVER_STATE_FILE,
-    TRAINABLE_STATE_FILE,
-    CheckpointError,
-    latest_checkpoint,
-    prune_checkpoints,
-    read_checkpoint,
-    remove_stale_temporaries,
-    write_checkpoint,
-)
 from ..federated.clients import descriptor_spec
-from ..federated.metrics import scalar_items, summarize_clients, write_history
-from ..federated.rounds import (
-    is_evaluation_round,
-    load_trainable_state,
-    private_parameter_names,
-    require_enough_updates,
-    round_record,
-    run_identity,
-    sample_round_clients,
-    screen_update,
-    shared_trainable_state,
-)
+from ..federated.metrics import evaluation_summary, scalar_items
+from ..federated.rounds import load_trainable_state, private_parameter_names, screen_update, shared_trainable_state
+from ..federated.server import ClientReport, FederationServer, ServerBacked
 from .records import (
     CLIENTS_KEY,
     CONFIG_KEY,
@@ -73,7 +52,7 @@ TensorDict = dict[str, torch.Tensor]
 EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
 
 
-class FederatedStrategy(Strategy):
+class FederatedStrategy(ServerBacked, Strategy):
     """A Flower strategy that runs `FederatedTrainer`'s algorithm over the clients held by Flower nodes.
 
     Args:
@@ -107,19 +86,16 @@ class FederatedStrategy(Strategy):
             )
         self.model = model
         self.args = args
-        self.unseen_clients = sorted(unseen_clients)
         self.min_available_nodes = min_available_nodes
         self.node_wait_timeout = node_wait_timeout
         # the shared state only: client-private tensors (C2A's client-id embedding) stay on the nodes
         self.private_keys = private_parameter_names(model)
-        self.global_state: TensorDict = shared_trainable_state(model)
-        self.server_optimizer = make_server_optimizer(args)
-        self.history: list[dict[str, Any]] = []
+        self.server = FederationServer(args, shared_trainable_state(model), engine="flower", log=logger)
+        self.server.unseen_clients = sorted(unseen_clients)  # the roster is complete once the nodes have answered
         self.client_nodes: dict[str, int] = {}
         self.client_examples: dict[str, int] = {}
         self.client_ids: dict[str, int] = {}
         self.evaluable_clients: list[str] = []
-        self.training_clients: list[str] = []
         self._round_start = 0.0
         self._round_record: dict[str, Any] = {}
         # the messages of the current round's phase and the clients they address: a reply names the message it
@@ -146,7 +122,7 @@ class FederatedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One `train` message per client sampled for `server_round`, to the node that holds it."""
-        sampled = sample_round_clients(self.training_clients, server_round, self.args)
+        sampled = self.server.sample(server_round)
         self._round_record = {"sampled_clients": sampled}
         self._sent = []
         for name in sampled:
@@ -170,7 +146,7 @@ class FederatedStrategy(Strategy):
         """
         sampled: list[str] = self._round_record["sampled_clients"]
         down = state_nbytes(self.global_state)
-        reports: dict[str, dict[str, Any]] = {}
+        reports: dict[str, ClientReport] = {}
         updates: dict[str, TensorDict] = {}
         errors: dict[str, str] = {}
         for reply in replies:
@@ -178,28 +154,26 @@ class FederatedStrategy(Strategy):
             if reply.has_error():
                 errors.update(dict.fromkeys(addressed, f"error reply: {reply.error.reason}"))
                 continue
-            name, report, update = self._read_train_reply(reply, addressed, down)
-            if name is None:
+            report, update = self._read_train_reply(reply, addressed, down)
+            if report is None:
                 continue
-            reports[name] = report
+            reports[report.client] = report
             if update is not None:
-                updates[name] = update
+                updates[report.client] = update
         for name in sampled:  # a client without a usable reply failed (its node's error, or no reply at all)
             if name not in reports:
                 error = errors.get(name, "no reply before the timeout")
-                reports[name] = {"client": name, "status": "failed", "error": error, "bytes_down": down, "bytes_up": 0}
+                reports[name] = ClientReport(name, "failed", bytes_down=down, error=error)
         ordered = [reports[name] for name in sampled]  # the trainer's summation order: sampled order
-        require_enough_updates(server_round, sampled, ordered, self.args)
         accumulator = UpdateAccumulator(self.global_state)
         for report in ordered:
-            if report["status"] == "ok":
-                accumulator.add(updates[report["client"]], report["num_examples"])
-        self.global_state = self.server_optimizer.step(self.global_state, accumulator.mean())
-        self._round_record = round_record(server_round, sampled, ordered)
+            if report.ok:
+                accumulator.add(updates[report.client], report.num_examples)
+        self._round_record = self.server.finish_round(server_round, sampled, ordered, accumulator)
         self._round_record["train_time"] = time.time() - self._round_start
-        for name, report in reports.items():
-            if report["status"] != "ok":
-                logger.warning("Round %d: client %r %s: %s", server_round, name, report["status"], report["error"])
+        for report in ordered:
+            if not report.ok:
+                logger.warning("Round %d: client %r %s: %s", server_round, report.client, report.status, report.error)
         return ArrayRecord(self.global_state), MetricRecord(
             {key: float(value) for key, value in scalar_items(self._round_record).items()}
         )
@@ -208,7 +182,7 @@ class FederatedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """On evaluation rounds, one `evaluate` message per node that holds clients with evaluation data."""
-        if not is_evaluation_round(server_round, self.args):
+        if not self.server.is_evaluation_round(server_round):
             return []
         by_node: dict[int, list[str]] = {}
         for name in self.evaluable_clients:
@@ -260,21 +234,17 @@ class FederatedStrategy(Strategy):
             failed[name] = "no reply before the timeout"
         if not self.model_has_descriptor:
             uniform = dict(own)  # without a descriptor both passes are the same; the node sends one
-        out: dict[str, Any] = {}
+        pooled_scores: dict[str, float] = {}
         pooled = sum(scores.get("num_examples", 0.0) for scores in uniform.values())
         for score in ("loss", "accuracy"):
             pairs = [(s[score], s.get("num_examples", 0.0)) for s in uniform.values() if score in s]
             if pairs and pooled:
-                out[f"eval_global_{score}"] = sum(value * weight for value, weight in pairs) / pooled
+                pooled_scores[score] = sum(value * weight for value, weight in pairs) / pooled
         if uniform:
-            out["eval_global_num_examples"] = pooled
+            pooled_scores["num_examples"] = pooled
         seen = {name: scores for name, scores in own.items() if name not in self.unseen_clients}
         unseen = {name: scores for name, scores in own.items() if name in self.unseen_clients}
-        out.update(summarize_clients(seen, "eval_personalized"))
-        out.update(summarize_clients(unseen, "eval_unseen"))
-        out["eval_clients"] = dict(sorted(seen.items()))
-        if unseen:
-            out["eval_unseen_clients"] = dict(sorted(unseen.items()))
+        out = evaluation_summary(pooled_scores, seen, unseen)
         if failed:
             out["eval_failed_clients"] = dict(sorted(failed.items()))
             logger.warning("Round %d: evaluation failed for %s", server_round, out["eval_failed_clients"])
@@ -321,18 +291,12 @@ class FederatedStrategy(Strategy):
             reason = screen_update(initial, shared_trainable_state(self.model))
             if reason is not None:
                 raise ValueError(f"`initial_arrays` does not fit the model: {reason}.")
-            self.global_state = initial
+            self.server.global_state = initial
         first_round = 1
-        for stale in remove_stale_temporaries(args.output_dir):
-            logger.warning("Removed %s, a checkpoint left half-written by an interrupted run.", stale)
-        if resume_from_checkpoint not in (None, False, "", "false", "False"):
-            use_latest = resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true"
-            path = latest_checkpoint(args.output_dir) if use_latest else Path(str(resume_from_checkpoint))
-            if path is None:
-                raise CheckpointError(f"No complete federated checkpoint (round-*/) found in {args.output_dir}.")
+        path = self.server.checkpoint_to_resume(resume_from_checkpoint)
+        if path is not None:
             first_round = self.load_checkpoint(path) + 1
-            started -= self.history[-1].get("wall_time", 0.0) if self.history else 0.0
-            logger.info("Resuming the federation after round %d from %s.", first_round - 1, path)
+            started -= self.server.elapsed_before_resume()
         load_trainable_state(self.model, self.global_state, keep=self.private_keys)
 
         result = Result(arrays=ArrayRecord(self.global_state))
@@ -363,12 +327,9 @@ class FederatedStrategy(Strategy):
             record = self._round_record
             record["round_time"] = time.time() - self._round_start
             record["wall_time"] = time.time() - started
-            self.history.append(record)
+            self.server.add_record(record)
             logger.info("Round %d: %s", server_round, _headline(record))
-            write_history(self.history, args.output_dir)
-            if args.save_every_rounds and (
-                server_round % args.save_every_rounds == 0 or server_round == args.num_rounds
-            ):
+            if self.server.is_checkpoint_round(server_round):
                 self.save_checkpoint(server_round)
         load_trainable_state(self.model, self.global_state, keep=self.private_keys)
         return result
@@ -378,18 +339,9 @@ class FederatedStrategy(Strategy):
     def save_checkpoint(self, round_index: int) -> Path:
         """Write `output_dir/round-{round_index}/` (atomic, hashed): global state, server optimizer, history,
         the run's identity, and the global adapter via `save_pretrained` for PEFT models."""
-        args = self.args
         load_trainable_state(self.model, self.global_state, keep=self.private_keys)
-        documents = {
-            FEDERATION_STATE_FILE: {"round": round_index, "num_rounds": args.num_rounds, **self._identity()},
-            HISTORY_FILE: self.history,
-        }
-        tensors = {TRAINABLE_STATE_FILE: self.global_state, SERVER_STATE_FILE: self.server_optimizer.state_dict()}
         write_extra = self.model.save_pretrained if isinstance(self.model, PeftModel) else None
-        path = write_checkpoint(args.output_dir, round_index, tensors, documents, write_extra)
-        prune_checkpoints(args.output_dir, args.save_total_limit)
-        logger.info("Saved the round-%d checkpoint to %s.", round_index, path)
-        return path
+        return self.server.save_checkpoint(round_index, write_extra=write_extra)
 
     def load_checkpoint(self, path: Union[str, Path]) -> int:
         """Restore the global state, server optimizer and history from a checkpoint; return its round.
@@ -397,43 +349,9 @@ class FederatedStrategy(Strategy):
         Raises `CheckpointError` if the checkpoint is corrupt, incomplete, or from a run with other clients, seeds or
         aggregation. Nothing is changed when it raises.
         """
-        path = Path(path)
-        tensors, documents = read_checkpoint(path)
-        try:
-            meta, history = documents[FEDERATION_STATE_FILE], documents[HISTORY_FILE]
-            state = tensors[TRAINABLE_STATE_FILE]
-        except KeyError as error:
-            raise CheckpointError(
-                f"Checkpoint {path} lacks {error.args[0]}: it is not a federated checkpoint."
-            ) from error
-        for key, value in self._identity().items():
-            if meta.get(key) != value:
-                raise CheckpointError(
-                    f"Checkpoint {path} was written with {key}={meta.get(key)!r}, but this run has {value!r}."
-                )
-        round_index = int(meta["round"])
-        if round_index > self.args.num_rounds:
-            raise CheckpointError(
-                f"Checkpoint {path} is at round {round_index}, beyond num_rounds={self.args.num_rounds}."
-            )
-        reason = screen_update(state, self.global_state)
-        if reason is not None:
-            raise CheckpointError(f"Checkpoint {path} does not fit this model: {reason}.")
-        server = make_server_optimizer(self.args)
-        try:
-            server.load_state_dict(tensors.get(SERVER_STATE_FILE, {}))
-        except ValueError as error:
-            raise CheckpointError(f"Checkpoint {path} has an unusable server optimizer state: {error}") from error
-        self.global_state = {key: value.clone() for key, value in state.items()}
-        self.server_optimizer = server
-        self.history = [record for record in history if record["round"] <= round_index]
-        return round_index
+        return self.server.restore(self.server.read_checkpoint(path))
 
     # ---- helpers -------------------------------------------------------------------------------------------------
-
-    def _identity(self) -> dict[str, Any]:
-        # the engine too: a FederatedTrainer checkpoint also holds RNG and local states this strategy would ignore
-        return {"engine": "flower", **run_identity(self.args, self.training_clients, self.unseen_clients)}
 
     def _discover_clients(self, grid: Grid) -> None:
         """Ask every node which clients it holds; map client names to nodes. Raises `ValueError` on conflicts."""
@@ -482,23 +400,15 @@ class FederatedStrategy(Strategy):
                 nodes[name], examples[name] = node, int(count)
                 if can_evaluate:
                     evaluable.append(name)
-        unknown = sorted(set(self.unseen_clients) - set(nodes))
-        if unknown:
-            raise ValueError(f"`unseen_clients` names clients that no node holds: {unknown}.")
-        training = sorted(name for name in nodes if name not in self.unseen_clients)
-        if not training:
-            raise ValueError("No node holds a training client (all are unseen, or no node replied).")
         spec = descriptor_spec(self.model)
         if spec is not None and spec.num_clients is not None and len(nodes) > spec.num_clients:
             raise ValueError(
                 f"The C2A adapter embeds {spec.num_clients} client ids (`num_clients`), but the nodes hold "
                 f"{len(nodes)} clients."
             )
-        if self.args.min_clients_per_round > self.args.num_sampled_clients(len(training)):
-            raise ValueError(
-                f"`min_clients_per_round={self.args.min_clients_per_round}` exceeds the clients sampled per round."
-            )
-        self.client_nodes, self.client_examples, self.training_clients = nodes, examples, training
+        self.server.set_roster(nodes, self.unseen_clients, where="that no node holds")
+        self.server.check_sampling()
+        self.client_nodes, self.client_examples = nodes, examples
         self.evaluable_clients = sorted(evaluable)
         # FederatedTrainer numbers clients by sorted name over all of them, unseen included
         self.client_ids = {name: index for index, name in enumerate(sorted(nodes))}
@@ -528,45 +438,48 @@ class FederatedStrategy(Strategy):
 
     def _read_train_reply(
         self, reply: Message, addressed: Sequence[str], down: int
-    ) -> tuple[Optional[str], dict[str, Any], Optional[TensorDict]]:
-        """The client, report and (usable) update of one train reply. Everything in it is screened: the client must be
-        the one addressed, the update must fit the global state and be finite, the example count must be the one the
-        node announced, the loss finite."""
+    ) -> tuple[Optional[ClientReport], Optional[TensorDict]]:
+        """The report and (usable) update of one train reply, or `(None, None)` for a reply about no client it was
+        asked about. Everything in it is screened: the client must be the one addressed, the update must fit the
+        global state and be finite, the example count must be the one the node announced, the loss finite."""
         node = reply.metadata.src_node_id
         try:
             status = reply.content[CONFIG_KEY]
             name = str(status["client"])
         except (KeyError, TypeError):
             logger.warning("A train reply from node %d names no client; ignored.", node)
-            return None, {}, None
+            return None, None
         if name not in addressed:
             logger.warning("Node %d replied for client %r, which it was not asked to train; ignored.", node, name)
-            return None, {}, None
-        report: dict[str, Any] = {"client": name, "bytes_down": down, "bytes_up": 0}
+            return None, None
+        report = ClientReport(name, "failed", bytes_down=down)
         if status.get("status") == "failed" or STATE_KEY not in reply.content.array_records:
-            return name, report | {"status": "failed", "error": str(status.get("error") or "no update sent")}, None
+            report.error = str(status.get("error") or "no update sent")
+            return report, None
+        report.status = "rejected"
         try:
             update = state_from_record(reply.content[STATE_KEY])
             metrics = reply.content[METRICS_KEY]
-            report.update(
-                num_examples=int(metrics["num-examples"]),
-                train_loss=float(metrics["train-loss"]),
-                local_steps=int(metrics["local-steps"]),
-            )
+            report.num_examples = int(metrics["num-examples"])
+            report.train_loss = float(metrics["train-loss"])
+            report.local_steps = int(metrics["local-steps"])
         except Exception as error:  # anything malformed from a node is its failure, never the server's
-            return name, report | {"status": "rejected", "error": f"malformed reply: {error!r}"}, None
-        report["bytes_up"] = state_nbytes(update)
+            report.error = f"malformed reply: {error!r}"
+            return report, None
+        report.bytes_up = state_nbytes(update)
         reason = screen_update(update, self.global_state)
-        if reason is None and report["num_examples"] != self.client_examples.get(name):
+        if reason is None and report.num_examples != self.client_examples.get(name):
             reason = (
-                f"example count {report['num_examples']} differs from the {self.client_examples.get(name)} the node "
+                f"example count {report.num_examples} differs from the {self.client_examples.get(name)} the node "
                 "announced (it would change the client's weight in the average)"
             )
-        if reason is None and not math.isfinite(report["train_loss"]):
-            reason = f"non-finite training loss {report['train_loss']}"
+        if reason is None and not math.isfinite(report.train_loss):
+            reason = f"non-finite training loss {report.train_loss}"
         if reason is not None:
-            return name, report | {"status": "rejected", "error": reason}, None
-        return name, report | {"status": "ok"}, update
+            report.error = reason
+            return report, None
+        report.status = "ok"
+        return report, update
 
 
 def _headline(record: Mapping[str, Any]) -> str:

@@ -1,0 +1,382 @@
+"""`FederationServer`: the server side of a federation, one object for both engines.
+
+It holds what a server owns -- the roster of clients, the global (shared) trainable state, the server optimizer and
+the history -- and does what a server does: check the roster, draw each round's clients, screen and count the
+clients' reports, aggregate their updates and take the server step, decide which rounds evaluate and checkpoint,
+and save and resume checkpoints. `FederatedTrainer` drives it with clients trained in-process (or sharded over
+processes); `peft_c2a.flower.FederatedStrategy` drives it with clients on Flower nodes. Only how updates reach it
+differs, so with the same clients, settings and seed both engines produce the same global state (tested).
+
+One round, top-down:
+
+    sampled = server.sample(round_index)                           # seeded by the round: same on every engine
+    ... each sampled client trains and returns a `ClientReport` (+ its update, summed into an `UpdateAccumulator`)
+    record = server.finish_round(round_index, sampled, reports, accumulator)   # enough? aggregate, server step
+    ... evaluate when `server.is_evaluation_round(round_index)`, add the scores to `record`
+    server.add_record(record)                                      # history.json
+    if server.is_checkpoint_round(round_index): server.save_checkpoint(round_index, ...)
+
+A checkpoint holds the server's part (global state, server optimizer, history, the run's identity); an engine adds
+its own files through `extra_tensors` / `extra_meta` (the trainer: RNG states, per-client states, the local
+optimizer). Resuming reads and verifies everything first (`read_checkpoint`) and changes nothing until `restore`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import torch
+
+from .aggregation import FedAvgServer, UpdateAccumulator, make_server_optimizer
+from .arguments import FederatedTrainingArguments
+from .checkpoint import (
+    FEDERATION_STATE_FILE,
+    HISTORY_FILE,
+    SERVER_STATE_FILE,
+    TRAINABLE_STATE_FILE,
+    CheckpointError,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_checkpoint,
+    remove_stale_temporaries,
+    write_checkpoint,
+)
+from .metrics import write_history
+from .rounds import TensorDict, sample_round_clients, screen_update
+
+logger = logging.getLogger(__name__)
+
+ClientStatus = Literal["ok", "failed", "rejected"]
+
+
+@dataclass
+class ClientReport:
+    """What one client's part of a round came to.
+
+    Attributes:
+        client: the client's name.
+        status: `"ok"` (its update counts), `"failed"` (training raised, or no reply) or `"rejected"` (the server,
+            or the client itself, found its update unusable: non-finite, malformed, of the wrong shape).
+        bytes_down / bytes_up: what crossed the wire for it (0 for baselines that communicate nothing).
+        num_examples: its training examples, the weight of its update (usable reports only).
+        train_loss: its mean local training loss (usable reports only).
+        local_steps: the optimizer steps it took (usable reports only).
+        error: why it failed or was rejected.
+    """
+
+    client: str
+    status: ClientStatus
+    bytes_down: int = 0
+    bytes_up: int = 0
+    num_examples: int = 0
+    train_loss: float = math.nan
+    local_steps: int = 0
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class ServerCheckpoint:
+    """A checkpoint read and verified against the run, not yet applied (`FederationServer.restore` applies it)."""
+
+    path: Path
+    round_index: int
+    global_state: TensorDict
+    server_optimizer: FedAvgServer
+    history: list[dict[str, Any]]
+    meta: dict[str, Any]
+    tensors: dict[str, TensorDict] = field(repr=False)
+
+
+class FederationServer:
+    """Roster, global state, server optimizer and history of a federation, and the rules of its rounds.
+
+    Args:
+        args: the federation's `FederatedTrainingArguments`.
+        global_state: the initial shared trainable state (client-private tensors excluded).
+        engine: recorded in the checkpoints' identity when set (`"flower"`): a checkpoint resumes on its own engine.
+        is_writer: whether this process writes history and checkpoints (process zero of a multi-process run).
+        log: where the server's messages go (the Flower strategy passes Flower's logger, so they show in `flwr log`).
+    """
+
+    def __init__(
+        self,
+        args: FederatedTrainingArguments,
+        global_state: Mapping[str, torch.Tensor],
+        engine: Optional[str] = None,
+        is_writer: bool = True,
+        log: Optional[logging.Logger] = None,
+    ) -> None:
+        self.args = args
+        self.log = log or logger
+        self.engine = engine
+        self.is_writer = is_writer
+        self.global_state: TensorDict = dict(global_state)
+        self.server_optimizer = make_server_optimizer(args)
+        self.history: list[dict[str, Any]] = []
+        self.training_clients: list[str] = []
+        self.unseen_clients: list[str] = []
+
+    def reset(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        """Start a run afresh from `global_state`: a new server optimizer, an empty history."""
+        self.global_state = dict(global_state)
+        self.server_optimizer = make_server_optimizer(self.args)
+        self.history = []
+
+    # ---- the roster ----------------------------------------------------------------------------------------------
+
+    def set_roster(self, clients: Iterable[str], unseen_clients: Sequence[str], where: str) -> None:
+        """Take the federation's clients; those in `unseen_clients` never train.
+
+        Raises `ValueError` when an unseen client is not among `clients` (`where` says where they were looked for) or
+        when no client is left to train.
+        """
+        names = set(clients)
+        if not names:
+            raise ValueError("The federation has no clients.")
+        unknown = sorted(set(unseen_clients) - names)
+        if unknown:
+            raise ValueError(f"`unseen_clients` names clients {where}: {unknown}.")
+        self.unseen_clients = sorted(set(unseen_clients))
+        self.training_clients = sorted(names - set(self.unseen_clients))
+        if not self.training_clients:
+            raise ValueError("Every client is listed in `unseen_clients`: none is left to train.")
+
+    def check_sampling(self) -> None:
+        """Raise `ValueError` when `min_clients_per_round` exceeds the clients sampled per round (every round would
+        fail)."""
+        per_round = self.args.num_sampled_clients(len(self.training_clients))
+        if self.args.min_clients_per_round > per_round:
+            raise ValueError(
+                f"`min_clients_per_round={self.args.min_clients_per_round}` exceeds the {per_round} clients sampled "
+                "per round: every round would fail."
+            )
+
+    def sample(self, round_index: int) -> list[str]:
+        """The training clients drawn for `round_index` (seeded by the round: the same on every engine and resume)."""
+        return sample_round_clients(self.training_clients, round_index, self.args)
+
+    # ---- a round -------------------------------------------------------------------------------------------------
+
+    def finish_round(
+        self,
+        round_index: int,
+        sampled: Sequence[str],
+        reports: Sequence[ClientReport],
+        accumulator: Optional[UpdateAccumulator] = None,
+    ) -> dict[str, Any]:
+        """Close a round's training: check enough updates are usable, take the server step, return the record.
+
+        `accumulator` holds the example-weighted sum of the usable updates (`None`: the local-only baseline, which
+        has no global step). Raises `RuntimeError` before the server step -- the global state and the last
+        checkpoint stay as they were -- when fewer than `min_clients_per_round` reports are usable.
+        """
+        order = {name: index for index, name in enumerate(sampled)}
+        reports = sorted(reports, key=lambda report: order.get(report.client, len(order)))
+        usable = [report for report in reports if report.ok]
+        if len(usable) < min(self.args.min_clients_per_round, len(sampled)):
+            problems = {report.client: report.error for report in reports if not report.ok}
+            problems.update(dict.fromkeys(sorted(set(sampled) - {report.client for report in reports}), "no reply"))
+            raise RuntimeError(
+                f"Round {round_index}: only {len(usable)} usable client updates, below `min_clients_per_round="
+                f"{self.args.min_clients_per_round}`. Failed or rejected clients: {problems}. The last checkpoint is "
+                "intact."
+            )
+        if accumulator is not None:
+            self.global_state = self.server_optimizer.step(self.global_state, accumulator.mean())
+        return round_record(round_index, sampled, reports)
+
+    def is_evaluation_round(self, round_index: int) -> bool:
+        """Whether `round_index` ends with an evaluation (every `eval_every_rounds`, and always the last)."""
+        every = self.args.eval_every_rounds
+        return bool(every and round_index % every == 0) or round_index == self.args.num_rounds
+
+    def is_checkpoint_round(self, round_index: int) -> bool:
+        """Whether `round_index` ends with a checkpoint (every `save_every_rounds`, and the last when saving)."""
+        every = self.args.save_every_rounds
+        return bool(every) and (round_index % every == 0 or round_index == self.args.num_rounds)
+
+    def add_record(self, record: dict[str, Any]) -> None:
+        """Append a finished round to the history (and `output_dir/history.json`)."""
+        self.history.append(record)
+        if self.is_writer:
+            write_history(self.history, self.args.output_dir)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """What must be the same for a checkpoint to continue this run: which clients train when, and how."""
+        args = self.args
+        identity = {"engine": self.engine} if self.engine else {}
+        return identity | {
+            "federation_mode": args.federation_mode,
+            "aggregation": args.aggregation,
+            "training_clients": list(self.training_clients),
+            "unseen_clients": list(self.unseen_clients),
+            "seed": args.seed,
+            "client_sampling_seed": args.effective_client_sampling_seed,
+            "clients_per_round": args.num_sampled_clients(len(self.training_clients)),
+        }
+
+    def checkpoint_to_resume(self, resume_from_checkpoint: Union[str, bool, None]) -> Optional[Path]:
+        """The checkpoint `resume_from_checkpoint` names (`True` / `"true"`: the newest in `output_dir`), or `None`
+        for a fresh start. Half-written checkpoints of an interrupted run are removed first. Raises
+        `CheckpointError` when resuming is asked for and there is nothing to resume from."""
+        if self.is_writer:
+            for stale in remove_stale_temporaries(self.args.output_dir):
+                self.log.warning("Removed %s, a checkpoint left half-written by an interrupted run.", stale)
+        if resume_from_checkpoint in (None, False, "", "false", "False"):
+            return None
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+            path = latest_checkpoint(self.args.output_dir)
+            if path is None:
+                raise CheckpointError(f"No complete federated checkpoint (round-*/) found in {self.args.output_dir}.")
+            return path
+        return Path(str(resume_from_checkpoint))
+
+    def save_checkpoint(
+        self,
+        round_index: int,
+        extra_tensors: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
+        extra_meta: Optional[Mapping[str, Any]] = None,
+        write_extra: Optional[Callable[[Path], None]] = None,
+    ) -> Path:
+        """Write `output_dir/round-{round_index}/` (atomic, hashed) and prune old ones to `save_total_limit`.
+
+        Args:
+            round_index: the round just finished.
+            extra_tensors: the engine's own safetensors files (name -> tensors).
+            extra_meta: the engine's own entries of `federation_state.json`.
+            write_extra: adds files to the folder before it is sealed (`PeftModel.save_pretrained`).
+        """
+        args = self.args
+        tensors = {TRAINABLE_STATE_FILE: self.global_state, SERVER_STATE_FILE: self.server_optimizer.state_dict()}
+        tensors.update(extra_tensors or {})
+        meta = {"round": round_index, "num_rounds": args.num_rounds, **self.identity(), **(extra_meta or {})}
+        documents = {FEDERATION_STATE_FILE: meta, HISTORY_FILE: self.history}
+        path = write_checkpoint(args.output_dir, round_index, tensors, documents, write_extra)
+        prune_checkpoints(args.output_dir, args.save_total_limit)
+        self.log.info("Saved the round-%d checkpoint to %s.", round_index, path)
+        return path
+
+    def read_checkpoint(self, path: Union[str, Path]) -> ServerCheckpoint:
+        """Read and verify checkpoint `path` against this run; apply nothing.
+
+        Raises `CheckpointError` if it is corrupt or incomplete, comes from a run with other clients, seeds, engine
+        or aggregation, lies beyond `num_rounds`, holds a global state that does not fit the current one, or an
+        unusable server optimizer state.
+        """
+        path = Path(path)
+        tensors, documents = read_checkpoint(path)
+        try:
+            meta, history = documents[FEDERATION_STATE_FILE], documents[HISTORY_FILE]
+            state = tensors[TRAINABLE_STATE_FILE]
+        except KeyError as error:
+            raise CheckpointError(
+                f"Checkpoint {path} lacks {error.args[0]}: it is not a federated checkpoint."
+            ) from error
+        for key, value in self.identity().items():
+            if meta.get(key) != value:
+                raise CheckpointError(
+                    f"Checkpoint {path} was written with {key}={meta.get(key)!r}, but this run has {value!r}."
+                )
+        round_index = int(meta["round"])
+        if round_index > self.args.num_rounds:
+            raise CheckpointError(
+                f"Checkpoint {path} is at round {round_index}, beyond `num_rounds={self.args.num_rounds}`."
+            )
+        reason = screen_update(state, self.global_state)
+        if reason is not None:
+            raise CheckpointError(f"Checkpoint {path} does not fit this model: {reason}.")
+        server_optimizer = make_server_optimizer(self.args)
+        try:
+            server_optimizer.load_state_dict(tensors.get(SERVER_STATE_FILE, {}))
+        except ValueError as error:
+            raise CheckpointError(f"Checkpoint {path} has an unusable server optimizer state: {error}") from error
+        return ServerCheckpoint(
+            path=path,
+            round_index=round_index,
+            global_state={key: value.clone() for key, value in state.items()},
+            server_optimizer=server_optimizer,
+            history=[record for record in history if record["round"] <= round_index],
+            meta=meta,
+            tensors=tensors,
+        )
+
+    def restore(self, checkpoint: ServerCheckpoint) -> int:
+        """Apply a checkpoint from `read_checkpoint`; return the round it ends."""
+        self.global_state = checkpoint.global_state
+        self.server_optimizer = checkpoint.server_optimizer
+        self.history = list(checkpoint.history)
+        self.log.info("Resuming the federation after round %d from %s.", checkpoint.round_index, checkpoint.path)
+        return checkpoint.round_index
+
+    def elapsed_before_resume(self) -> float:
+        """Wall time the restored history had already spent (0 on a fresh start): wall time counts from the start
+        of the original run."""
+        return float(self.history[-1].get("wall_time", 0.0)) if self.history else 0.0
+
+
+class ServerBacked:
+    """The server's state, readable on the engine that drives it (`FederatedTrainer`, `FederatedStrategy`): both
+    hold their `FederationServer` as `self.server`."""
+
+    server: FederationServer
+
+    @property
+    def training_clients(self) -> list[str]:
+        """The clients that train, sorted."""
+        return self.server.training_clients
+
+    @property
+    def unseen_clients(self) -> list[str]:
+        """The clients that never train, sorted; evaluated with their own descriptors."""
+        return self.server.unseen_clients
+
+    @property
+    def global_state(self) -> TensorDict:
+        """The shared trainable state (client-private tensors excluded)."""
+        return self.server.global_state
+
+    @global_state.setter
+    def global_state(self, state: TensorDict) -> None:
+        self.server.global_state = state
+
+    @property
+    def server_optimizer(self) -> FedAvgServer:
+        return self.server.server_optimizer
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per finished round (also in `output_dir/history.json`)."""
+        return self.server.history
+
+
+def round_record(round_index: int, sampled: Sequence[str], reports: Sequence[ClientReport]) -> dict[str, Any]:
+    """The history record of a round's training: losses, counts, bytes, and which clients failed or were rejected."""
+    usable = [report for report in reports if report.ok]
+    examples = sum(report.num_examples for report in usable)
+    loss = sum(report.train_loss * report.num_examples for report in usable) / examples if examples else math.nan
+    return {
+        "round": round_index,
+        "train_loss": loss,
+        "num_sampled_clients": len(sampled),
+        "num_clients_ok": len(usable),
+        "num_train_examples": examples,
+        "local_steps": sum(report.local_steps for report in usable),
+        "bytes_down": sum(report.bytes_down for report in reports),
+        "bytes_up": sum(report.bytes_up for report in reports),
+        "bytes_up_per_client": max((report.bytes_up for report in usable), default=0),
+        "sampled_clients": list(sampled),
+        "failed_clients": {report.client: report.error for report in reports if report.status == "failed"},
+        "rejected_clients": {report.client: report.error for report in reports if report.status == "rejected"},
+        "client_train_loss": {report.client: report.train_loss for report in usable},
+    }
