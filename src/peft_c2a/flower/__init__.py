@@ -24,7 +24,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from .client_app import make_client_app
-from .records import CONFIG_KEY, METRICS_KEY, STATE_KEY, state_from_record, state_to_record
+from .protocol import CONFIG_KEY, METRICS_KEY, STATE_KEY, state_from_record, state_to_record
 from .server_app import make_server_app
 from .strategy import FederatedStrategy
 

@@ -27,25 +27,25 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file, save_file
 
 from ..federated.trainer import FederatedTrainer
-from .records import (
-    CLIENTS_KEY,
-    CONFIG_KEY,
-    ERRORS_KEY,
-    METRICS_KEY,
-    OWN_PREFIX,
-    STATE_KEY,
-    UNIFORM_PREFIX,
-    state_from_record,
-    state_to_record,
+from .protocol import (
+    OWN_PASS,
+    UNIFORM_PASS,
+    Instruction,
+    NodeDescription,
+    decode_evaluate,
+    decode_train,
+    encode_evaluate_reply,
+    encode_query_reply,
+    encode_train_reply,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,69 +91,51 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
     def query(message: Message, context: Context) -> Message:
         trainer = trainer_for(context)
         names = sorted(trainer.clients)
-        description = ConfigRecord(
-            {
-                "names": names,
-                "num-examples": [trainer.clients[name].num_examples for name in names],
-                "evaluable": [trainer.clients[name].eval_dataset is not None for name in names],
-                "seed": trainer.args.seed,
-            }
+        description = NodeDescription(
+            names=names,
+            num_examples=[trainer.clients[name].num_examples for name in names],
+            evaluable=[trainer.clients[name].eval_dataset is not None for name in names],
+            seed=trainer.args.seed,
         )
-        return Message(RecordDict({CLIENTS_KEY: description}), reply_to=message)
+        return Message(encode_query_reply(description), reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         trainer = trainer_for(context)
-        config = message.content[CONFIG_KEY]
-        _check_settings(trainer, config)
-        name = str(config["client"])
-        _assign_client_id(trainer, name, config.get("client-id"))
-        start_state = state_from_record(message.content[STATE_KEY])
-        server_round = int(config["server-round"])
-        _restore_private_state(trainer, name, before_round=server_round)
-        report, update = trainer.train_client(name, server_round, start_state)
+        start_state, instruction = decode_train(message.content)
+        _check_settings(trainer, instruction)
+        (name,), (client_id,) = instruction.clients, instruction.client_ids
+        _assign_client_id(trainer, name, client_id)
+        _restore_private_state(trainer, name, before_round=instruction.server_round)
+        report, update = trainer.train_client(name, instruction.server_round, start_state)
         if report.ok:
-            _keep_private_state(trainer, name, server_round)
-        status = ConfigRecord({"client": name, "status": report.status, "error": report.error or ""})
-        if update is None:  # training raised: the server drops this client from the round, as FederatedTrainer does
-            return Message(RecordDict({CONFIG_KEY: status}), reply_to=message)
-        # a non-finite update is sent all the same: the server screens every update and records the rejection
-        metrics = MetricRecord(
-            {
-                "num-examples": int(report.num_examples),
-                "train-loss": float(report.train_loss),
-                "local-steps": int(report.local_steps),
-            }
-        )
-        content = RecordDict({STATE_KEY: state_to_record(update), METRICS_KEY: metrics, CONFIG_KEY: status})
-        return Message(content, reply_to=message)
+            _keep_private_state(trainer, name, instruction.server_round)
+        # no update when training raised: the server drops this client from the round, as FederatedTrainer does
+        return Message(encode_train_reply(report, update), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         trainer = trainer_for(context)
-        config = message.content[CONFIG_KEY]
-        _check_settings(trainer, config)
-        shared_state = state_from_record(message.content[STATE_KEY])
-        reply, errors = RecordDict(), {}
-        for name, client_id in zip(config["clients"], config["client-ids"], strict=True):
+        shared_state, instruction = decode_evaluate(message.content)
+        _check_settings(trainer, instruction)
+        # the uniform-descriptor pass only differs from the own-descriptor one for C2A models
+        passes = ((OWN_PASS, True), (UNIFORM_PASS, False)) if trainer.descriptor_spec else ((OWN_PASS, True),)
+        scores, errors = {}, {}
+        for name, client_id in zip(instruction.clients, instruction.client_ids, strict=True):
             try:
                 _assign_client_id(trainer, name, client_id)
-                _restore_private_state(trainer, name, before_round=int(config.get("server-round", 0)) + 1)
+                _restore_private_state(trainer, name, before_round=instruction.server_round + 1)
                 trainer.load_trainable_state(trainer.client_state(name, shared_state))
-                # the uniform-descriptor pass only differs from the own-descriptor one for C2A models
-                passes = (
-                    ((OWN_PREFIX, True), (UNIFORM_PREFIX, False)) if trainer.descriptor_spec else ((OWN_PREFIX, True),)
-                )
-                for prefix, own in passes:
-                    scores = trainer.evaluate_client(name, own_descriptor=own)
-                    scores.pop("prior_only_accuracy", None)  # a statistic of the client's labels: it stays here
-                    reply[prefix + name] = MetricRecord({key: float(value) for key, value in scores.items()})
+                for evaluation_pass, own in passes:
+                    client_scores = trainer.evaluate_client(name, own_descriptor=own)
+                    client_scores.pop("prior_only_accuracy", None)  # a statistic of the client's labels: it stays here
+                    scores[(evaluation_pass, name)] = client_scores
             except Exception as error:  # one client's failure must not hide the other clients' scores
                 logger.warning("Evaluation of client %r failed: %r", name, error)
                 errors[name] = repr(error)
-        if errors:
-            reply[ERRORS_KEY] = ConfigRecord(errors)
-        return Message(reply, reply_to=message)
+                for evaluation_pass, _ in passes:
+                    scores.pop((evaluation_pass, name), None)
+        return Message(encode_evaluate_reply(scores, errors), reply_to=message)
 
     return app
 
@@ -192,19 +174,17 @@ def _keep_private_state(trainer: FederatedTrainer, name: str, server_round: int)
     os.replace(temporary, target)
 
 
-def _check_settings(trainer: FederatedTrainer, config: Mapping[str, Any]) -> None:
+def _check_settings(trainer: FederatedTrainer, instruction: Instruction) -> None:
     """Refuse a server whose seed or aggregation differs: local training would silently be another algorithm."""
     args = trainer.args
-    expected = {"seed": args.seed, "aggregation": args.aggregation}
-    if args.aggregation == "fedprox":
-        expected["proximal-mu"] = args.proximal_mu
-    for key, mine in expected.items():
-        theirs = config.get(key)
-        if theirs is None:
-            continue
-        same = math.isclose(float(theirs), float(mine)) if isinstance(mine, float) else theirs == mine
+    theirs: dict[str, Any] = {"seed": instruction.seed, "aggregation": instruction.aggregation}
+    mine: dict[str, Any] = {"seed": args.seed, "aggregation": args.aggregation}
+    if args.aggregation == "fedprox" and instruction.proximal_mu is not None:
+        theirs["proximal-mu"], mine["proximal-mu"] = instruction.proximal_mu, args.proximal_mu
+    for key, value in mine.items():
+        same = math.isclose(theirs[key], value) if isinstance(value, float) else theirs[key] == value
         if not same:
-            raise ValueError(f"The server runs with {key}={theirs!r}, this node with {key}={mine!r}.")
+            raise ValueError(f"The server runs with {key}={theirs[key]!r}, this node with {key}={value!r}.")
 
 
 def _assign_client_id(trainer: FederatedTrainer, name: str, client_id: Any) -> None:

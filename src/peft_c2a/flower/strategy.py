@@ -34,15 +34,19 @@ from ..federated.clients import descriptor_spec
 from ..federated.metrics import evaluation_summary, scalar_items
 from ..federated.rounds import load_trainable_state, private_parameter_names, screen_update, shared_trainable_state
 from ..federated.server import ClientReport, FederationServer, ServerBacked
-from .records import (
-    CLIENTS_KEY,
-    CONFIG_KEY,
-    ERRORS_KEY,
-    METRICS_KEY,
-    OWN_PREFIX,
-    STATE_KEY,
-    UNIFORM_PREFIX,
+from .protocol import (
+    OWN_PASS,
+    UNIFORM_PASS,
+    Instruction,
+    NodeDescription,
+    decode_evaluate_reply,
+    decode_node_description,
+    decode_query_reply,
+    decode_train_reply,
+    encode_evaluate,
+    encode_train,
     state_from_record,
+    train_reply_client,
 )
 
 # Flower's own logger: what the strategy says then shows in `flwr run --stream` / `flwr log` with Flower's lines
@@ -126,12 +130,9 @@ class FederatedStrategy(ServerBacked, Strategy):
         self._round_record = {"sampled_clients": sampled}
         self._sent = []
         for name in sampled:
-            settings = self._settings(config, server_round)
-            settings.update({"client": name, "client-id": self.client_ids.get(name, -1)})
+            instruction = self._instruction(config, server_round, [name])
             message = Message(
-                RecordDict({STATE_KEY: arrays, CONFIG_KEY: settings}),
-                message_type=MessageType.TRAIN,
-                dst_node_id=self.client_nodes[name],
+                encode_train(arrays, instruction), message_type=MessageType.TRAIN, dst_node_id=self.client_nodes[name]
             )
             self._sent.append((message, (name,)))
         return [message for message, _ in self._sent]
@@ -189,13 +190,8 @@ class FederatedStrategy(ServerBacked, Strategy):
             by_node.setdefault(self.client_nodes[name], []).append(name)
         self._sent = []
         for node, names in sorted(by_node.items()):
-            settings = self._settings(config, server_round)
-            settings.update({"clients": names, "client-ids": [self.client_ids.get(name, -1) for name in names]})
-            message = Message(
-                RecordDict({STATE_KEY: arrays, CONFIG_KEY: settings}),
-                message_type=MessageType.EVALUATE,
-                dst_node_id=node,
-            )
+            instruction = self._instruction(config, server_round, names)
+            message = Message(encode_evaluate(arrays, instruction), message_type=MessageType.EVALUATE, dst_node_id=node)
             self._sent.append((message, tuple(names)))
         return [message for message, _ in self._sent]
 
@@ -215,20 +211,10 @@ class FederatedStrategy(ServerBacked, Strategy):
             if reply.has_error():
                 failed.update(dict.fromkeys(addressed, f"error reply: {reply.error.reason}"))
                 continue
-            content = reply.content
-            if ERRORS_KEY in content.config_records:
-                failed.update({str(k): str(v) for k, v in content[ERRORS_KEY].items() if k in addressed})
-            for key, record in content.metric_records.items():
-                prefix, _, name = key.partition("/")
-                target = {OWN_PREFIX[:-1]: own, UNIFORM_PREFIX[:-1]: uniform}.get(prefix)
-                if target is None or name not in addressed:
-                    continue  # a node may only report on the clients it was asked about
-                try:
-                    scores = {str(k): float(v) for k, v in record.items()}
-                except (TypeError, ValueError):
-                    failed[name] = f"malformed scores from node {reply.metadata.src_node_id}"
-                    continue
-                target[name] = scores
+            scores, errors = decode_evaluate_reply(reply.content, addressed, reply.metadata.src_node_id)
+            own.update(scores[OWN_PASS])
+            uniform.update(scores[UNIFORM_PASS])
+            failed.update(errors)
         expected = {name for _, names in self._sent for name in names}
         for name in sorted(expected - set(own) - set(failed)):
             failed[name] = "no reply before the timeout"
@@ -370,7 +356,7 @@ class FederatedStrategy(ServerBacked, Strategy):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 raise RuntimeError(f"A node could not describe its clients: {reply.error.reason}")
-            descriptions[node] = reply.content[CLIENTS_KEY]
+            descriptions[node] = decode_query_reply(reply.content)
         silent = sorted(set(node_ids) - set(descriptions))
         if silent:
             raise RuntimeError(
@@ -389,11 +375,12 @@ class FederatedStrategy(ServerBacked, Strategy):
         nodes: dict[str, int] = {}
         examples: dict[str, int] = {}
         evaluable: list[str] = []
-        for node, description in sorted(descriptions.items()):
-            if int(description["seed"]) != self.args.seed:
-                raise ValueError(f"Node {node} runs with seed {description['seed']}, the server with {self.args.seed}.")
+        for node, raw in sorted(descriptions.items()):
+            description = raw if isinstance(raw, NodeDescription) else decode_node_description(raw)
+            if description.seed != self.args.seed:
+                raise ValueError(f"Node {node} runs with seed {description.seed}, the server with {self.args.seed}.")
             for name, count, can_evaluate in zip(
-                description["names"], description["num-examples"], description["evaluable"], strict=True
+                description.names, description.num_examples, description.evaluable, strict=True
             ):
                 if name in nodes:
                     raise ValueError(f"Client {name!r} is held by two nodes ({nodes[name]} and {node}).")
@@ -419,13 +406,17 @@ class FederatedStrategy(ServerBacked, Strategy):
         """Whether the model is a C2A model (its clients are also scored with the uniform descriptor)."""
         return descriptor_spec(self.model) is not None
 
-    def _settings(self, config: Mapping[str, Any], server_round: int) -> ConfigRecord:
-        """What every train / evaluate message carries: the round, and the settings a node must share."""
-        settings = ConfigRecord(dict(config))
-        settings.update({"server-round": server_round, "seed": self.args.seed, "aggregation": self.args.aggregation})
-        if self.args.aggregation == "fedprox":
-            settings["proximal-mu"] = float(self.args.proximal_mu)
-        return settings
+    def _instruction(self, config: Mapping[str, Any], server_round: int, clients: Sequence[str]) -> Instruction:
+        """What a train / evaluate message asks of a node: the round, the settings a node must share, the clients."""
+        return Instruction(
+            server_round=server_round,
+            seed=self.args.seed,
+            aggregation=self.args.aggregation,
+            proximal_mu=float(self.args.proximal_mu) if self.args.aggregation == "fedprox" else None,
+            clients=list(clients),
+            client_ids=[self.client_ids.get(name, -1) for name in clients],
+            extra=dict(config),
+        )
 
     def _addressed_clients(self, reply: Message) -> tuple[str, ...]:
         """The clients of the message `reply` answers (by message id; by node when the grid sets no ids)."""
@@ -443,30 +434,16 @@ class FederatedStrategy(ServerBacked, Strategy):
         asked about. Everything in it is screened: the client must be the one addressed, the update must fit the
         global state and be finite, the example count must be the one the node announced, the loss finite."""
         node = reply.metadata.src_node_id
-        try:
-            status = reply.content[CONFIG_KEY]
-            name = str(status["client"])
-        except (KeyError, TypeError):
+        name = train_reply_client(reply.content)
+        if name is None:
             logger.warning("A train reply from node %d names no client; ignored.", node)
             return None, None
         if name not in addressed:
             logger.warning("Node %d replied for client %r, which it was not asked to train; ignored.", node, name)
             return None, None
-        report = ClientReport(name, "failed", bytes_down=down)
-        if status.get("status") == "failed" or STATE_KEY not in reply.content.array_records:
-            report.error = str(status.get("error") or "no update sent")
+        report, update = decode_train_reply(reply.content, down)
+        if update is None:
             return report, None
-        report.status = "rejected"
-        try:
-            update = state_from_record(reply.content[STATE_KEY])
-            metrics = reply.content[METRICS_KEY]
-            report.num_examples = int(metrics["num-examples"])
-            report.train_loss = float(metrics["train-loss"])
-            report.local_steps = int(metrics["local-steps"])
-        except Exception as error:  # anything malformed from a node is its failure, never the server's
-            report.error = f"malformed reply: {error!r}"
-            return report, None
-        report.bytes_up = state_nbytes(update)
         reason = screen_update(update, self.global_state)
         if reason is None and report.num_examples != self.client_examples.get(name):
             reason = (
@@ -476,9 +453,8 @@ class FederatedStrategy(ServerBacked, Strategy):
         if reason is None and not math.isfinite(report.train_loss):
             reason = f"non-finite training loss {report.train_loss}"
         if reason is not None:
-            report.error = reason
+            report.status, report.error = "rejected", reason
             return report, None
-        report.status = "ok"
         return report, update
 
 
