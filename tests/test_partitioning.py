@@ -10,15 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peft_c2a.federated.partitioning import (
+from peft_c2a.federated.client_splits import (
     client_datasets_from_partitions,
-    dirichlet_label_partition,
-    group_dirichlet_partition,
     grouped_partition_like,
-    iid_partition,
     label_counts,
     partition_like,
     plot_label_heatmap,
+)
+from peft_c2a.federated.partitioning import (
+    dirichlet_label_partition,
+    group_dirichlet_partition,
+    iid_partition,
     quantity_skew_partition,
 )
 

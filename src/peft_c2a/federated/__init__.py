@@ -14,17 +14,19 @@ This package depends on the tuner (`peft_c2a.config`), never the other way round
 from .aggregation import FedAdamServer, FedAvgServer, UpdateAccumulator, make_server_optimizer, state_nbytes
 from .arguments import FederatedTrainingArguments
 from .checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
-from .clients import ClientData, DescriptorCollator, DescriptorSpec
-from .metrics import classification_metrics, prior_only_accuracy, summarize_clients, write_history
-from .partitioning import (
+from .client_splits import (
     client_datasets_from_partitions,
-    dirichlet_label_partition,
-    group_dirichlet_partition,
     grouped_partition_like,
-    iid_partition,
     label_counts,
     partition_like,
     plot_label_heatmap,
+)
+from .clients import ClientData, DescriptorCollator, DescriptorSpec
+from .metrics import classification_metrics, prior_only_accuracy, summarize_clients, write_history
+from .partitioning import (
+    dirichlet_label_partition,
+    group_dirichlet_partition,
+    iid_partition,
     quantity_skew_partition,
 )
 from .server import ClientReport, FederationServer

@@ -26,8 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -36,12 +35,10 @@ import torch
 from accelerate.utils import gather_object
 from peft import PeftModel
 from torch import nn
-from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import nested_concat, nested_numpify
-from transformers.trainer_utils import EvalPrediction, TrainOutput, set_seed
+from transformers.trainer_utils import EvalPrediction, TrainOutput
 
-from .aggregation import UpdateAccumulator, non_finite_tensors, state_nbytes
+from .aggregation import UpdateAccumulator
 from .arguments import FederatedTrainingArguments
 from .checkpoint import (
     CLIENT_PRIVATE_FILE,
@@ -57,25 +54,24 @@ from .checkpoint import (
     unindexed_states,
 )
 from .clients import (
-    DESCRIPTOR_COLUMNS,
     ClientData,
-    DescriptorCollator,
     build_clients,
     descriptor_spec,
     expected_num_labels,
 )
-from .metrics import classification_metrics, evaluation_summary, loggable_items, prior_only_accuracy, scalar_items
+from .evaluation import FederatedEvaluation
+from .local_training import POOLED_CLIENT, LocalTraining, unwrap_optimizer
+from .metrics import loggable_items, scalar_items
 from .rounds import load_trainable_state, private_parameter_names, trainable_parameters, trainable_state
 from .server import ClientReport, FederationServer, ServerBacked
 
 logger = logging.getLogger(__name__)
 
-POOLED_CLIENT = "__pooled__"
 
 TensorDict = dict[str, torch.Tensor]
 
 
-class FederatedTrainer(ServerBacked, Trainer):
+class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer):
     """A `Trainer` that fine-tunes one model across many clients by federated rounds.
 
     Args:
@@ -293,175 +289,6 @@ class FederatedTrainer(ServerBacked, Trainer):
         record["round_time"] = time.time() - round_start
         return record
 
-    # ---- local training ------------------------------------------------------------------------------------------
-
-    def client_seed(self, round_index: int, name: str) -> int:
-        """The seed of `name`'s local training in `round_index`: the same on every process and after resuming."""
-        sequence = np.random.SeedSequence([self.args.seed, round_index, zlib.crc32(name.encode())])
-        return int(sequence.generate_state(1)[0])
-
-    def _client(self, name: str) -> ClientData:
-        return self._pooled_client if name == POOLED_CLIENT else self.clients[name]
-
-    def _prepared_dataset(self, client: ClientData, train: bool) -> Any:
-        """The client's training or evaluation dataset without the columns the model does not take (cached)."""
-        dataset = client.dataset if train else client.eval_dataset
-        cached = self._prepared.get((client.name, train))
-        if cached is None or cached[0] is not dataset:
-            description = f"{client.name} {'training' if train else 'evaluation'}"
-            cached = (dataset, self._remove_unused_columns(dataset, description=description))
-            self._prepared[(client.name, train)] = cached
-        return cached[1]
-
-    def _client_loader(self, client: ClientData, seed: Optional[int], train: bool) -> DataLoader:
-        """Batches of `client`'s data, each carrying the client's descriptor (shuffled by `seed` when training)."""
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return DataLoader(
-            self._prepared_dataset(client, train),
-            batch_size=self.args.per_device_train_batch_size if train else self.args.per_device_eval_batch_size,
-            shuffle=train,
-            generator=generator,
-            collate_fn=DescriptorCollator(self.data_collator, client.descriptor, client.client_id),
-            drop_last=self.args.dataloader_drop_last if train else False,
-            num_workers=self.args.dataloader_num_workers,
-            # pinning only helps (and only works without a warning) when batches go to an accelerator
-            pin_memory=self.args.dataloader_pin_memory and self.args.device.type != "cpu",
-        )
-
-    def train_client(
-        self, name: str, round_index: int, start_state: Mapping[str, torch.Tensor]
-    ) -> tuple[ClientReport, Optional[TensorDict]]:
-        """Train client `name` for round `round_index` from `start_state`: one client's whole part of a round.
-
-        Returns its `ClientReport` (status ok / failed / rejected, example count, mean local loss, local steps, bytes
-        down and up, error) and its update `local - start` (`None` when training raised). Only `ok` updates
-        may be averaged in: a failed client, or one whose update is not finite (`rejected`), is dropped from the
-        round, never fatal to the federation. The model is left holding the client's local state.
-
-        `start_state` may lack the client-private tensors (`private_keys`): the client then starts from its own copy,
-        the update covers `start_state`'s tensors only, and a usable run keeps the new private tensors on the client
-        (`client_private_states`).
-        """
-        # the local-only and centralised baselines communicate no model state
-        communicates = self.args.federation_mode == "federated"
-        bytes_down = state_nbytes(start_state) if communicates else 0
-        own_start = self.client_state(name, start_state)
-        self.load_trainable_state(own_start)
-        try:
-            stats = self._run_local_training(name, round_index, own_start)
-        except Exception as error:  # any failure of one client drops that client, never the federation
-            logger.warning("Round %d: client %r failed and is dropped: %r", round_index, name, error)
-            self.model.zero_grad(set_to_none=True)
-            return ClientReport(name, "failed", bytes_down=bytes_down, error=repr(error)), None
-        local_state = self.get_trainable_state()
-        update = {key: local_state[key] - start_state[key] for key in start_state}
-        report = ClientReport(name, "ok", bytes_down=bytes_down, bytes_up=state_nbytes(update) if communicates else 0)
-        report.num_examples, report.train_loss, report.local_steps = stats
-        bad = non_finite_tensors(update)
-        if bad:
-            logger.warning(
-                "Round %d: client %r sent a non-finite update (%s ...); rejected.", round_index, name, bad[0]
-            )
-            report.status, report.error = "rejected", f"non-finite update in {bad[:3]}"
-            return report, update
-        private = {key: local_state[key] for key in self.private_keys if key not in start_state}
-        if private:
-            self.client_private_states[name] = private
-        return report, update
-
-    def _run_local_training(self, name: str, round_index: int, start_state: TensorDict) -> tuple[int, float, int]:
-        """Train the model (holding `start_state`) on client `name`'s data for one round; return its example count,
-        mean loss and optimizer steps."""
-        args = self.args
-        seed = self.client_seed(round_index, name)
-        set_seed(seed)
-        client = self._client(name)
-        loader = self._client_loader(client, seed, train=True)
-        batches_per_epoch = len(loader)
-        if batches_per_epoch == 0:
-            raise ValueError(f"Client {name!r} has fewer examples than one batch (dataloader_drop_last is on).")
-        accumulation = args.gradient_accumulation_steps
-        if args.local_max_steps > 0:
-            total_batches = args.local_max_steps * accumulation
-        else:
-            total_batches = max(1, math.ceil(args.local_epochs * batches_per_epoch))
-        total_updates = math.ceil(total_batches / accumulation)
-
-        optimizer = self._local_optimizer(total_updates)
-        params = self._trainable_parameters()
-        if args.aggregation == "fedprox" and args.proximal_mu > 0 and args.federation_mode == "federated":
-            self._proximal_anchor = [(params[key], start_state[key].to(params[key].device)) for key in start_state]
-        model = self.model
-        model.train()
-        batches = _cycle(loader)
-        loss_sum, seen = 0.0, 0
-        self.accelerator.gradient_state._set_sync_gradients(True)  # no DDP: every step is a sync step
-        try:
-            for update in range(total_updates):
-                micro = [next(batches) for _ in range(min(accumulation, total_batches - update * accumulation))]
-                self.current_gradient_accumulation_steps = len(micro)
-                num_items = self._get_num_items_in_batch(micro, args.device)
-                step_loss = 0.0
-                for inputs in micro:
-                    step_loss += float(self.training_step(model, inputs, num_items))
-                if args.max_grad_norm and args.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if not getattr(optimizer, "step_was_skipped", False):
-                    self.lr_scheduler.step()
-                model.zero_grad(set_to_none=True)
-                loss_sum += step_loss
-                seen += 1
-        finally:
-            self._proximal_anchor = None
-        return client.num_examples, loss_sum / max(seen, 1), seen
-
-    def _local_optimizer(self, num_updates: int) -> torch.optim.Optimizer:
-        """A fresh optimizer and schedule per client and round, or the carried-over optimizer with a new schedule."""
-        if self.args.reset_optimizer_each_round or self.optimizer is None:
-            old = self.optimizer
-            self.optimizer = None
-            raw = self.create_optimizer()
-            # accelerate keeps every prepared optimizer; forget the previous client's so they do not pile up
-            self.accelerator._optimizers = [opt for opt in self.accelerator._optimizers if opt is not old]
-            self.optimizer = self.accelerator.prepare_optimizer(raw)
-        self.lr_scheduler = None
-        self.create_scheduler(num_training_steps=num_updates, optimizer=_unwrap_optimizer(self.optimizer))
-        return self.optimizer
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
-    ) -> Any:
-        """The Trainer's loss, plus the proximal term `mu / 2 * ||w - w_global||^2` in FedProx local training."""
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        if self._proximal_anchor is None or not model.training:
-            return result
-        proximal = sum(((param - anchor) ** 2).sum() for param, anchor in self._proximal_anchor)
-        extra = 0.5 * self.args.proximal_mu * proximal
-        if return_outputs:
-            return result[0] + extra, result[1]
-        return result + extra
-
-    def autocast_smart_context_manager(self, cache_enabled: Optional[bool] = True) -> Any:
-        """Mixed precision (`bf16` / `fp16`) for local training and evaluation.
-
-        The plain Trainer gets autocast from `accelerator.prepare(model)`; clients train the unprepared model (it is
-        never wrapped in DDP), so the accelerator's autocast is entered here, around every forward.
-        """
-        return self.accelerator.autocast()
-
-    def _set_signature_columns_if_needed(self) -> None:
-        # The base model's forward does not name the descriptor, so a plain Trainer would drop descriptor columns.
-        super()._set_signature_columns_if_needed()
-        if self.descriptor_spec is not None:
-            self._signature_columns += [name for name in DESCRIPTOR_COLUMNS if name not in self._signature_columns]
-
     def _pool_training_clients(self) -> Any:
         """All training clients' data in one dataset; for C2A each example keeps its client's descriptor."""
         from datasets import concatenate_datasets
@@ -476,97 +303,6 @@ class FederatedTrainer(ServerBacked, Trainer):
                 part = part.add_column("client_ids", [client.client_id] * len(part))
             parts.append(part)
         return concatenate_datasets(parts)
-
-    # ---- evaluation ----------------------------------------------------------------------------------------------
-
-    def evaluate_federation(self, ignore_keys: Optional[list[str]] = None) -> dict[str, Any]:
-        """Evaluate the current state: global, personalised (each client, own descriptor), unseen clients.
-
-        Every process evaluates its share of the clients; all processes get the same result. Returns scalar
-        summaries (`eval_global_*`, `eval_personalized_{mean,weighted,worst,std}_*`, `eval_unseen_*`) and the
-        per-client scores under `eval_clients` and `eval_unseen_clients`. Beside the model's scores every client
-        with labels gets `prior_only_accuracy`, the model-free guess of its majority training label (summarised as
-        `eval_personalized_mean_prior_only_accuracy`, ...): the score a personalised model has to beat.
-        """
-        args = self.args
-        local_mode = args.federation_mode == "local"
-        jobs: list[tuple[str, str]] = []
-        if self.eval_dataset is not None and not local_mode:
-            jobs.append(("global", "global"))
-        jobs += [("client", name) for name in self.training_clients if self.clients[name].eval_dataset is not None]
-        if not local_mode:
-            jobs += [("unseen", name) for name in self.unseen_clients if self.clients[name].eval_dataset is not None]
-        results = []
-        for kind, name in jobs[args.process_index :: args.world_size]:
-            state = self.client_states.get(name, self.global_state) if local_mode else self.global_state
-            self.load_trainable_state(self.client_state(name if kind == "client" else None, state))
-            results.append((kind, name, self._evaluate_one(kind, name, ignore_keys)))
-        if args.world_size > 1:
-            results = gather_object(results)
-        self.load_trainable_state(self.client_state(None, self.global_state))
-        per_kind: dict[str, dict[str, dict[str, float]]] = {"global": {}, "client": {}, "unseen": {}}
-        for kind, name, scores in results:
-            per_kind[kind][name] = scores
-        return evaluation_summary(per_kind["global"].get("global", {}), per_kind["client"], per_kind["unseen"])
-
-    def evaluate_client(
-        self, name: str, own_descriptor: bool = True, ignore_keys: Optional[list[str]] = None
-    ) -> dict[str, float]:
-        """Scores of the model's current state on client `name`'s evaluation data (`loss`, `accuracy`, `macro_f1`,
-        `num_examples`, and `compute_metrics`' keys).
-
-        With `own_descriptor=False` a C2A model sees no descriptor (the uniform one), as in the global evaluation.
-        Raises `ValueError` if the client has no evaluation data.
-        """
-        if self._client(name).eval_dataset is None:
-            raise ValueError(f"Client {name!r} has no evaluation dataset.")
-        return self._evaluate_one("client" if own_descriptor else "uniform", name, ignore_keys)
-
-    def _evaluate_one(self, kind: str, name: str, ignore_keys: Optional[list[str]]) -> dict[str, float]:
-        # the global test set is evaluated like a client without a descriptor (C2A: the uniform one)
-        if kind == "global":
-            client = ClientData("__global__", None, self.eval_dataset)
-        elif kind == "uniform":
-            client = ClientData(f"{name}/uniform", None, self._client(name).eval_dataset)
-        else:
-            client = self._client(name)
-        loader = self._client_loader(client, None, train=False)
-        model = self.model
-        model.eval()
-        logits_all, labels_all, loss_sum, count = None, None, 0.0, 0
-        for inputs in loader:
-            batch_size = len(next(iter(inputs.values())))
-            loss, logits, labels = self.prediction_step(
-                model, inputs, prediction_loss_only=False, ignore_keys=ignore_keys
-            )
-            if loss is not None:
-                loss_sum += float(loss) * batch_size
-                count += batch_size
-            if isinstance(logits, (tuple, list)):
-                logits = logits[0]
-            if self.preprocess_logits_for_metrics is not None and logits is not None:
-                logits = self.preprocess_logits_for_metrics(logits, labels)
-            if logits is not None:
-                logits = logits.detach().cpu()
-                logits_all = logits if logits_all is None else nested_concat(logits_all, logits, padding_index=-100)
-            if labels is not None:
-                labels = labels.detach().cpu()
-                labels_all = labels if labels_all is None else nested_concat(labels_all, labels, padding_index=-100)
-        scores: dict[str, float] = {}
-        if count:
-            scores["loss"] = loss_sum / count
-        if logits_all is not None and labels_all is not None:
-            logits_np, labels_np = nested_numpify(logits_all), nested_numpify(labels_all)
-            predictions = logits_np.argmax(-1) if logits_np.ndim == labels_np.ndim + 1 else logits_np
-            if predictions.shape == labels_np.shape:
-                scores.update(classification_metrics(predictions, labels_np))
-                if client.label_counts is not None and kind in ("client", "unseen"):
-                    scores["prior_only_accuracy"] = prior_only_accuracy(client.label_counts, labels_np)
-            if self.compute_metrics is not None:
-                extra = self.compute_metrics(EvalPrediction(predictions=logits_np, label_ids=labels_np))
-                scores.update({key: float(value) for key, value in extra.items()})
-        scores.setdefault("num_examples", count)
-        return scores
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """`Trainer.save_model`'s writer, with the arguments saved as JSON instead of a pickled `training_args.bin`
@@ -593,7 +329,7 @@ class FederatedTrainer(ServerBacked, Trainer):
             optimizer_meta = None
             if not args.reset_optimizer_each_round and self.optimizer is not None:
                 tensors[OPTIMIZER_FILE], optimizer_meta = optimizer_to_tensors(
-                    _unwrap_optimizer(self.optimizer).state_dict()
+                    unwrap_optimizer(self.optimizer).state_dict()
                 )
             meta = {
                 "client_state_order": client_order,
@@ -630,17 +366,7 @@ class FederatedTrainer(ServerBacked, Trainer):
         if carries_optimizer:
             self._local_optimizer(1)
             state = optimizer_from_tensors(tensors[OPTIMIZER_FILE], meta["local_optimizer"])
-            _unwrap_optimizer(self.optimizer).load_state_dict(state)
+            unwrap_optimizer(self.optimizer).load_state_dict(state)
         torch.set_rng_state(tensors[RNG_FILE]["torch"])
         rng_states_from_json(meta)
         return round_index
-
-
-def _cycle(loader: DataLoader) -> Iterator[Any]:
-    """Batches of `loader` epoch after epoch (each epoch reshuffled by the loader's own generator)."""
-    while True:
-        yield from loader
-
-
-def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)

@@ -1,0 +1,111 @@
+"""Evaluation in `FederatedTrainer`: the global test set with the uniform descriptor, every training client on its
+own test split with its own descriptor (and, in the local-only baseline, its own state), and the unseen clients.
+
+`FederatedEvaluation` is a mixin of `FederatedTrainer`; the summary it returns is built by
+`metrics.evaluation_summary`, as the Flower strategy's is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from accelerate.utils import gather_object
+from transformers import Trainer
+from transformers.trainer_pt_utils import nested_concat, nested_numpify
+from transformers.trainer_utils import EvalPrediction
+
+from .clients import ClientData
+from .metrics import classification_metrics, evaluation_summary, prior_only_accuracy
+
+
+class FederatedEvaluation(Trainer):
+    """Per-client evaluation on a `Trainer` (a mixin of `FederatedTrainer`)."""
+
+    def evaluate_federation(self, ignore_keys: Optional[list[str]] = None) -> dict[str, Any]:
+        """Evaluate the current state: global, personalised (each client, own descriptor), unseen clients.
+
+        Every process evaluates its share of the clients; all processes get the same result. Returns scalar
+        summaries (`eval_global_*`, `eval_personalized_{mean,weighted,worst,std}_*`, `eval_unseen_*`) and the
+        per-client scores under `eval_clients` and `eval_unseen_clients`. Beside the model's scores every client
+        with labels gets `prior_only_accuracy`, the model-free guess of its majority training label (summarised as
+        `eval_personalized_mean_prior_only_accuracy`, ...): the score a personalised model has to beat.
+        """
+        args = self.args
+        local_mode = args.federation_mode == "local"
+        jobs: list[tuple[str, str]] = []
+        if self.eval_dataset is not None and not local_mode:
+            jobs.append(("global", "global"))
+        jobs += [("client", name) for name in self.training_clients if self.clients[name].eval_dataset is not None]
+        if not local_mode:
+            jobs += [("unseen", name) for name in self.unseen_clients if self.clients[name].eval_dataset is not None]
+        results = []
+        for kind, name in jobs[args.process_index :: args.world_size]:
+            state = self.client_states.get(name, self.global_state) if local_mode else self.global_state
+            self.load_trainable_state(self.client_state(name if kind == "client" else None, state))
+            results.append((kind, name, self._evaluate_one(kind, name, ignore_keys)))
+        if args.world_size > 1:
+            results = gather_object(results)
+        self.load_trainable_state(self.client_state(None, self.global_state))
+        per_kind: dict[str, dict[str, dict[str, float]]] = {"global": {}, "client": {}, "unseen": {}}
+        for kind, name, scores in results:
+            per_kind[kind][name] = scores
+        return evaluation_summary(per_kind["global"].get("global", {}), per_kind["client"], per_kind["unseen"])
+
+    def evaluate_client(
+        self, name: str, own_descriptor: bool = True, ignore_keys: Optional[list[str]] = None
+    ) -> dict[str, float]:
+        """Scores of the model's current state on client `name`'s evaluation data (`loss`, `accuracy`, `macro_f1`,
+        `num_examples`, and `compute_metrics`' keys).
+
+        With `own_descriptor=False` a C2A model sees no descriptor (the uniform one), as in the global evaluation.
+        Raises `ValueError` if the client has no evaluation data.
+        """
+        if self._client(name).eval_dataset is None:
+            raise ValueError(f"Client {name!r} has no evaluation dataset.")
+        return self._evaluate_one("client" if own_descriptor else "uniform", name, ignore_keys)
+
+    def _evaluate_one(self, kind: str, name: str, ignore_keys: Optional[list[str]]) -> dict[str, float]:
+        # the global test set is evaluated like a client without a descriptor (C2A: the uniform one)
+        if kind == "global":
+            client = ClientData("__global__", None, self.eval_dataset)
+        elif kind == "uniform":
+            client = ClientData(f"{name}/uniform", None, self._client(name).eval_dataset)
+        else:
+            client = self._client(name)
+        loader = self._client_loader(client, None, train=False)
+        model = self.model
+        model.eval()
+        logits_all, labels_all, loss_sum, count = None, None, 0.0, 0
+        for inputs in loader:
+            batch_size = len(next(iter(inputs.values())))
+            loss, logits, labels = self.prediction_step(
+                model, inputs, prediction_loss_only=False, ignore_keys=ignore_keys
+            )
+            if loss is not None:
+                loss_sum += float(loss) * batch_size
+                count += batch_size
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+            if self.preprocess_logits_for_metrics is not None and logits is not None:
+                logits = self.preprocess_logits_for_metrics(logits, labels)
+            if logits is not None:
+                logits = logits.detach().cpu()
+                logits_all = logits if logits_all is None else nested_concat(logits_all, logits, padding_index=-100)
+            if labels is not None:
+                labels = labels.detach().cpu()
+                labels_all = labels if labels_all is None else nested_concat(labels_all, labels, padding_index=-100)
+        scores: dict[str, float] = {}
+        if count:
+            scores["loss"] = loss_sum / count
+        if logits_all is not None and labels_all is not None:
+            logits_np, labels_np = nested_numpify(logits_all), nested_numpify(labels_all)
+            predictions = logits_np.argmax(-1) if logits_np.ndim == labels_np.ndim + 1 else logits_np
+            if predictions.shape == labels_np.shape:
+                scores.update(classification_metrics(predictions, labels_np))
+                if client.label_counts is not None and kind in ("client", "unseen"):
+                    scores["prior_only_accuracy"] = prior_only_accuracy(client.label_counts, labels_np)
+            if self.compute_metrics is not None:
+                extra = self.compute_metrics(EvalPrediction(predictions=logits_np, label_ids=labels_np))
+                scores.update({key: float(value) for key, value in extra.items()})
+        scores.setdefault("num_examples", count)
+        return scores
