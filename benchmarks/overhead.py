@@ -70,31 +70,18 @@ TARGETS = {"step_time": 1.15, "peak_memory": 1.10}
 
 # ---------------------------------------------------------------------------------------------------- models and data
 def build_model(method: str, base: nn.Module | None = None) -> nn.Module:
-    """The MiniLM classifier (or `base`) prepared for `method`, in train mode."""
-    import peft
+    """The MiniLM classifier (or `base`) prepared for `method` by `peft_c2a.recipes.apply_adapter`, in train mode."""
     from transformers import AutoModelForSequenceClassification
 
-    import peft_c2a
     from peft_c2a.assets import minilm_path
+    from peft_c2a.recipes import AdapterArguments, apply_adapter
 
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
     if base is None:
         torch.manual_seed(0)  # same classifier initialisation for every method
         base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=NUM_LABELS)
-    if method == "head":
-        for name, param in base.named_parameters():
-            param.requires_grad_(name.split(".")[0] == "classifier")
-        model = base
-    elif method == "bottleneck":
-        model = peft.get_peft_model(base, peft_c2a.BottleneckAdapterConfig(task_type="SEQ_CLS", bottleneck_dim=16))
-    elif method == "c2a":
-        config = peft_c2a.C2AConfig(task_type="SEQ_CLS", num_labels=NUM_LABELS, bottleneck_dim=16, init_seed=0)
-        model = peft.get_peft_model(base, config)
-    elif method == "lora":
-        config = peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"])
-        model = peft.get_peft_model(base, config)
-    else:
-        raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
-    return model.train()
+    return apply_adapter(base, AdapterArguments(peft_method=method), NUM_LABELS, seed=0).train()
 
 
 def make_batch(batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:

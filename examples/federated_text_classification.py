@@ -29,30 +29,23 @@ from typing import Optional
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import ClassLabel, DatasetDict, load_dataset, load_from_disk  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    HfArgumentParser,
-    set_seed,
-)
+from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser  # noqa: E402
 
-import peft_c2a  # noqa: E402
 from peft_c2a.assets import load_bbc_news, minilm_path  # noqa: E402
 from peft_c2a.federated import (  # noqa: E402
     FederatedTrainer,
     FederatedTrainingArguments,
     client_datasets_from_partitions,
-    dirichlet_label_partition,
-    group_dirichlet_partition,
-    grouped_partition_like,
-    label_counts,
-    partition_like,
     plot_label_heatmap,
 )
+from peft_c2a.recipes import (  # noqa: E402
+    AdapterArguments,
+    build_classifier,
+    choose_unseen_clients,
+    split_into_clients,
+    tokenize_for_classification,
+)
 
-PEFT_METHODS = ("c2a", "bottleneck", "lora", "head")
 MAIN_JOB_DEFAULTS = dict(
     output_dir="outputs/federated_text_classification",
     num_rounds=10,
@@ -72,8 +65,8 @@ MAIN_JOB_DEFAULTS = dict(
 
 
 @dataclass
-class ScriptArguments:
-    """What to federate: model, data, how it is split over clients, and the PEFT method."""
+class ScriptArguments(AdapterArguments):
+    """What to federate: the PEFT method (`AdapterArguments`), model, data, and how it is split over clients."""
 
     model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Model path or Hub name (default: the packaged all-MiniLM-L6-v2)."}
@@ -89,21 +82,6 @@ class ScriptArguments:
         metadata={"help": "Column of a client group (e.g. language): each client holds one group, Dirichlet inside."},
     )
     test_size: float = field(default=0.2, metadata={"help": "Test fraction when the data has no test split."})
-    peft_method: str = field(default="c2a", metadata={"help": "Adapter to federate.", "choices": list(PEFT_METHODS)})
-    bottleneck_dim: int = field(default=16, metadata={"help": "Bottleneck size r of C2A / bottleneck adapters."})
-    c2a_use_context: bool = field(default=True, metadata={"help": "C2A: condition adapters on each input (context)."})
-    c2a_use_label_term: bool = field(
-        default=True, metadata={"help": "C2A: condition adapters on the client's label distribution (label term)."}
-    )
-    c2a_logit_adjustment: float = field(
-        default=1.0, metadata={"help": "C2A: weight of log(label prior) added to the logits; 0 turns it off."}
-    )
-    c2a_client_embed_dim: int = field(default=8, metadata={"help": "C2A: client embedding size k."})
-    c2a_hyper_latent_dim: int = field(default=32, metadata={"help": "C2A: hypernetwork factorisation width m."})
-    c2a_client_embeddings: bool = field(
-        default=False, metadata={"help": "C2A: a learned embedding per client (kept on the client, never averaged)."}
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (query/value)."})
     num_clients: int = field(default=20, metadata={"help": "Number of clients."})
     dirichlet_alpha: float = field(default=0.1, metadata={"help": "Dirichlet label-skew concentration."})
     min_client_size: int = field(default=8, metadata={"help": "Minimum training examples per client."})
@@ -146,43 +124,8 @@ def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
 def build_model(
     script: ScriptArguments, num_labels: int, seed: int, num_clients: Optional[int] = None
 ) -> torch.nn.Module:
-    """The backbone with the chosen PEFT method (`head`: a frozen backbone with a trainable classifier).
-
-    Seeded: the new classification head and the adapters are initialised from `seed`, so a run is reproducible.
-    `num_clients` sizes C2A's per-client embedding when `script.c2a_client_embeddings` is set.
-    """
-    set_seed(seed)
-    path = script.model_name_or_path or str(minilm_path())
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    if script.peft_method == "head":
-        head = getattr(base, "classifier", None)
-        if head is None:
-            raise ValueError("--peft_method head needs a model with a `classifier` module.")
-        for param in base.parameters():
-            param.requires_grad = False
-        for param in head.parameters():
-            param.requires_grad = True
-        return base
-    if script.peft_method == "c2a":
-        if script.c2a_client_embeddings and not num_clients:
-            raise ValueError("--c2a_client_embeddings needs the number of clients.")
-        config = peft_c2a.C2AConfig(
-            task_type="SEQ_CLS",
-            num_labels=num_labels,
-            bottleneck_dim=script.bottleneck_dim,
-            client_embed_dim=script.c2a_client_embed_dim,
-            hyper_latent_dim=script.c2a_hyper_latent_dim,
-            use_context=script.c2a_use_context,
-            use_label_term=script.c2a_use_label_term,
-            logit_adjustment=script.c2a_logit_adjustment,
-            num_clients=num_clients if script.c2a_client_embeddings else None,
-            init_seed=seed,
-        )
-    elif script.peft_method == "bottleneck":
-        config = peft_c2a.BottleneckAdapterConfig(task_type="SEQ_CLS", bottleneck_dim=script.bottleneck_dim)
-    else:
-        config = LoraConfig(task_type="SEQ_CLS", r=script.lora_r, lora_alpha=2 * script.lora_r)
-    return get_peft_model(base, config)
+    """The backbone with the chosen PEFT method (`peft_c2a.recipes.build_classifier`), seeded."""
+    return build_classifier(script.model_name_or_path or str(minilm_path()), script, num_labels, seed, num_clients)
 
 
 def split_clients(
@@ -193,27 +136,19 @@ def split_clients(
     Dirichlet label skew over `num_clients` clients, or, with `--group_column`, clients of one group each with
     Dirichlet labels inside it. A client's test split follows its training label mix, drawn from its own group.
     """
-    train_labels = np.asarray(list(data["train"][script.label_column]))
-    test_labels = np.asarray(list(data["test"][script.label_column]))
-    if script.group_column:
-        groups = list(data["train"][script.group_column])
-        per_group = max(1, script.num_clients // len(set(groups)))
-        parts, names = group_dirichlet_partition(
-            train_labels, groups, per_group, script.dirichlet_alpha, script.min_client_size, seed, num_labels
-        )
-    else:
-        parts = dirichlet_label_partition(
-            train_labels, script.num_clients, script.dirichlet_alpha, script.min_client_size, seed, num_labels
-        )
-        names = [f"client-{i:02d}" for i in range(len(parts))]
-    counts = label_counts(parts, train_labels, num_labels)
-    if script.group_column:
-        client_groups = [groups[int(part[0])] for part in parts]
-        test_groups = list(data["test"][script.group_column])
-        test_parts = grouped_partition_like(test_labels, test_groups, counts, client_groups, seed=seed)
-    else:
-        test_parts = partition_like(test_labels, counts, seed=seed)
-    return parts, names, counts, test_parts
+    group = script.group_column
+    split = split_into_clients(
+        data["train"][script.label_column],
+        data["test"][script.label_column],
+        num_labels,
+        num_clients=script.num_clients,
+        alpha=script.dirichlet_alpha,
+        min_client_size=script.min_client_size,
+        seed=seed,
+        train_groups=list(data["train"][group]) if group else None,
+        test_groups=list(data["test"][group]) if group else None,
+    )
+    return split.parts, split.names, split.counts, split.test_parts
 
 
 def main(argv: Optional[list[str]] = None) -> FederatedTrainer:
@@ -231,19 +166,14 @@ def main(argv: Optional[list[str]] = None) -> FederatedTrainer:
     path = script.model_name_or_path or str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
 
-    def tokenize(batch: dict) -> dict:
-        encoded = tokenizer(batch[script.text_column], truncation=True, max_length=script.max_seq_length)
-        encoded["labels"] = batch[script.label_column]
-        return encoded
-
-    encoded = data.map(tokenize, batched=True, remove_columns=data["train"].column_names)
+    encoded = tokenize_for_classification(
+        data, tokenizer, script.text_column, script.label_column, script.max_seq_length
+    )
     clients = client_datasets_from_partitions(encoded["train"], parts, names)
     client_tests = {
         name: encoded["test"].select(part) for name, part in zip(names, test_parts, strict=True) if len(part) > 0
     }
-    rng = np.random.default_rng(args.seed)
-    num_unseen = int(round(script.unseen_client_fraction * len(names)))
-    unseen = sorted(rng.choice(names, size=num_unseen, replace=False).tolist()) if num_unseen else []
+    unseen = choose_unseen_clients(names, script.unseen_client_fraction, args.seed)
 
     model = build_model(script, num_labels, args.seed, num_clients=len(names))
     trainer = FederatedTrainer(

@@ -137,16 +137,18 @@ def test_carve_validation(worker):
         worker.carve_validation(parts, 1.0, seed=0)
 
 
-def test_choose_unseen(worker):
+def test_choose_unseen_clients():
+    from peft_c2a.recipes import choose_unseen_clients
+
     names = [f"client-{i:02d}" for i in range(20)]
-    unseen = worker.choose_unseen(names, 0.2, seed=0)
+    unseen = choose_unseen_clients(names, 0.2, seed=0)
     assert len(unseen) == 4 and set(unseen) <= set(names)
-    assert unseen == worker.choose_unseen(names, 0.2, seed=0)
-    assert worker.choose_unseen(names, 0.0, seed=0) == []
+    assert unseen == choose_unseen_clients(names, 0.2, seed=0)
+    assert choose_unseen_clients(names, 0.0, seed=0) == []
     # grouped: round-robin over groups, so 4 unseen out of 5 languages x 4 clients come from 4 languages
     groups = [lang for lang in ("de", "en", "es", "fr", "ru") for _ in range(4)]
     names = [f"{g}-{i % 4}" for i, g in enumerate(groups)]
-    unseen = worker.choose_unseen(names, 0.2, seed=1, groups=groups)
+    unseen = choose_unseen_clients(names, 0.2, seed=1, groups=groups)
     assert len(unseen) == 4 and len({name.split("-")[0] for name in unseen}) == 4
 
 

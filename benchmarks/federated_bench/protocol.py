@@ -34,7 +34,9 @@ class Method:
     aggregation: str
     federation_mode: str
     description: str
-    script_options: tuple[tuple[str, Any], ...] = ()  # further fields of the example's ScriptArguments (C2A ablations)
+    script_options: tuple[
+        tuple[str, Any], ...
+    ] = ()  # further `peft_c2a.recipes.AdapterArguments` fields (C2A ablations)
 
 
 METHODS: dict[str, Method] = {

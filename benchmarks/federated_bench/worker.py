@@ -6,11 +6,8 @@ and the run file.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +20,6 @@ import numpy as np
 from .protocol import (
     METHODS,
     MODEL_FREE,
-    ROOT,
     RUN_FORMAT,
     SCENARIOS,
     RunSpec,
@@ -31,8 +27,6 @@ from .protocol import (
     environment,
     tail_mean,
 )
-
-EXAMPLE = ROOT / "examples" / "federated_text_classification.py"
 
 
 def carve_validation(
@@ -54,36 +48,6 @@ def carve_validation(
         vals.append(np.sort(indices[order[:n_val]]))
         fits.append(np.sort(indices[order[n_val:]]))
     return fits, vals
-
-
-def choose_unseen(
-    names: Sequence[str], fraction: float, seed: int, groups: Optional[Sequence[str]] = None
-) -> list[str]:
-    """The `round(fraction * len(names))` clients held out of training, seeded.
-
-    With `groups` (one per client, e.g. its language), clients are taken round-robin over the groups in a seeded
-    order, so no group loses all its clients before every group has lost one.
-    """
-    count = int(round(fraction * len(names)))
-    if count <= 0:
-        return []
-    if count >= len(names):
-        raise ValueError(f"unseen_fraction={fraction} would hold out all {len(names)} clients.")
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        return sorted(rng.choice(list(names), size=count, replace=False).tolist())
-    by_group: dict[str, list[str]] = {}
-    for name, group in zip(names, groups, strict=True):
-        by_group.setdefault(str(group), []).append(name)
-    order = sorted(by_group)
-    order = [order[i] for i in rng.permutation(len(order))]
-    queues = {g: [by_group[g][i] for i in rng.permutation(len(by_group[g]))] for g in order}
-    chosen: list[str] = []
-    while len(chosen) < count:
-        for group in order:
-            if queues[group] and len(chosen) < count:
-                chosen.append(queues[group].pop(0))
-    return sorted(chosen)
 
 
 def _status_kb(key: str) -> Optional[int]:
@@ -111,18 +75,6 @@ def _reset_peak_rss() -> bool:
 # =====================================================================================================================
 # Data, partitions and models (runs inside the worker process)
 # =====================================================================================================================
-
-
-def load_example() -> Any:
-    """The example script as a module: the benchmark builds its models with the example's `build_model`."""
-    name = "federated_text_classification"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def language_support() -> tuple[Any, Any]:
@@ -188,62 +140,39 @@ def build_federation(spec: RunSpec) -> Federation:
     """Partition, hold out unseen clients, carve validation (select) or personal test splits (final), tokenise."""
     from transformers import AutoTokenizer
 
-    from peft_c2a.federated import (
-        dirichlet_label_partition,
-        group_dirichlet_partition,
-        grouped_partition_like,
-        label_counts,
-        partition_like,
-    )
+    from peft_c2a.federated import label_counts
+    from peft_c2a.recipes import choose_unseen_clients, split_into_clients, tokenize_for_classification
 
     settings = spec.settings
     seed = settings["partition_seed"]
     data, label_names, groups, model_path, prefix = load_scenario(spec)
     num_labels = len(label_names)
     train_labels = np.asarray(data["train"]["label"], dtype=np.int64)
-    test_labels = np.asarray(data["test"]["label"], dtype=np.int64)
-    if groups is None:
-        parts = dirichlet_label_partition(
-            train_labels, settings["num_clients"], spec.alpha, settings["min_client_size"], seed, num_labels
-        )
-        names = [f"client-{i:02d}" for i in range(len(parts))]
-        client_groups = None
-    else:
-        parts, names = group_dirichlet_partition(
-            train_labels,
-            groups,
-            settings["clients_per_language"],
-            spec.alpha,
-            settings["min_client_size"],
-            seed,
-            num_labels,
-        )
-        client_groups = [groups[int(part[0])] for part in parts]
-    unseen = choose_unseen(names, settings["unseen_fraction"], seed, client_groups)
+    split = split_into_clients(
+        train_labels,
+        data["test"]["label"],
+        num_labels,
+        num_clients=settings["num_clients"],
+        alpha=spec.alpha,
+        min_client_size=settings["min_client_size"],
+        seed=seed,
+        train_groups=groups,
+        test_groups=None if groups is None else data["test"]["language"],
+        clients_per_group=settings.get("clients_per_language"),
+    )
+    names, parts, client_groups = split.names, split.parts, split.groups
+    unseen = choose_unseen_clients(names, settings["unseen_fraction"], seed, client_groups)
 
     if spec.phase == "select":
         # validation carved from each client's own training data; the test set is not touched
         parts, eval_parts = carve_validation(parts, settings["val_fraction"], seed)
         eval_source = "train"
     else:
-        counts_full = label_counts(parts, train_labels, num_labels)
-        if groups is None:
-            eval_parts = partition_like(test_labels, counts_full, seed=seed)
-        else:
-            test_groups = [str(g) for g in data["test"]["language"]]
-            eval_parts = grouped_partition_like(test_labels, test_groups, counts_full, client_groups, seed)
-        eval_source = "test"
+        eval_parts, eval_source = split.test_parts, "test"
     counts = label_counts(parts, train_labels, num_labels)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-
-    def tokenize(batch: dict) -> dict:
-        texts = [prefix + text for text in batch["text"]] if prefix else batch["text"]
-        encoded = tokenizer(texts, truncation=True, max_length=settings["max_seq_length"])
-        encoded["labels"] = batch["label"]
-        return encoded
-
-    encoded = data.map(tokenize, batched=True, remove_columns=data["train"].column_names)
+    encoded = tokenize_for_classification(data, tokenizer, "text", "label", settings["max_seq_length"], prefix)
     clients = {name: encoded["train"].select(part) for name, part in zip(names, parts, strict=True)}
     client_evals = {}
     for name, part in zip(names, eval_parts, strict=True):
@@ -509,6 +438,7 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
     from transformers import DataCollatorWithPadding, PrinterCallback
 
     from peft_c2a.federated import FederatedTrainer
+    from peft_c2a.recipes import AdapterArguments, build_classifier
 
     worker_start = time.time()
     torch.set_num_threads(spec.threads)
@@ -521,15 +451,15 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
     method = METHODS[spec.method]
     if spec.method in MODEL_FREE:
         return write_model_free_run(spec, federation, output_dir, worker_start)
-    example = load_example()
-    script = example.ScriptArguments(
-        model_name_or_path=federation.model_path,
+    adapter = AdapterArguments(
         peft_method=method.peft_method,
         bottleneck_dim=spec.settings["bottleneck_dim"],
         lora_r=spec.settings["lora_r"],
         **dict(method.script_options),
     )
-    model = example.build_model(script, federation.num_labels, spec.seed, num_clients=len(federation.clients))
+    model = build_classifier(
+        federation.model_path, adapter, federation.num_labels, spec.seed, num_clients=len(federation.clients)
+    )
     counts = parameter_counts(model)
     # the trainer's own history files go to a scratch folder: the run file holds the whole history
     scratch = Path(tempfile.mkdtemp(prefix="federated-bench-trainer-"))

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Context  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
-import peft_c2a  # noqa: E402
 from peft_c2a.assets import BBC_LABELS, load_bbc_news, minilm_path  # noqa: E402
-from peft_c2a.federated import (  # noqa: E402
-    FederatedTrainingArguments,
-    dirichlet_label_partition,
-    label_counts,
-    partition_like,
+from peft_c2a.federated import FederatedTrainingArguments  # noqa: E402
+from peft_c2a.recipes import (  # noqa: E402
+    AdapterArguments,
+    build_classifier,
+    choose_unseen_clients,
+    split_into_clients,
+    tokenize_for_classification,
 )
 
 NUM_LABELS = len(BBC_LABELS)
@@ -61,9 +60,7 @@ def federation_args(run_config: dict, output_dir: str | None = None) -> Federate
 def unseen_clients(run_config: dict) -> list[str]:
     """The clients held out of training (the main job's seeded choice)."""
     names = [client_name(i) for i in range(int(run_config["num-clients"]))]
-    count = int(round(float(run_config["unseen-fraction"]) * len(names)))
-    rng = np.random.default_rng(int(run_config["seed"]))
-    return sorted(rng.choice(names, size=count, replace=False).tolist()) if count else []
+    return choose_unseen_clients(names, float(run_config["unseen-fraction"]), int(run_config["seed"]))
 
 
 def build_model(run_config: dict) -> torch.nn.Module:
@@ -74,19 +71,8 @@ def build_model(run_config: dict) -> torch.nn.Module:
 @functools.cache
 def _build_model(method: str, bottleneck_dim: int, seed: int) -> torch.nn.Module:
     # one model per process: a simulation actor serves many nodes, and every message loads the global state anyway
-    set_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=NUM_LABELS)
-    if method == "c2a":
-        config = peft_c2a.C2AConfig(
-            task_type="SEQ_CLS", num_labels=NUM_LABELS, bottleneck_dim=bottleneck_dim, init_seed=seed
-        )
-    elif method == "bottleneck":
-        config = peft_c2a.BottleneckAdapterConfig(task_type="SEQ_CLS", bottleneck_dim=bottleneck_dim)
-    elif method == "lora":
-        config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16)
-    else:
-        raise ValueError(f"peft-method must be c2a, bottleneck or lora, got {method!r}.")
-    return get_peft_model(base, config)
+    adapter = AdapterArguments(peft_method=method, bottleneck_dim=bottleneck_dim)
+    return build_classifier(str(minilm_path()), adapter, NUM_LABELS, seed)
 
 
 def node_data(context: Context) -> tuple[str, object, object, object]:
@@ -107,17 +93,9 @@ def node_data(context: Context) -> tuple[str, object, object, object]:
 @functools.cache
 def _partitions(num_clients: int, alpha: float, seed: int, max_seq_length: int) -> tuple[list, list, object]:
     data = load_bbc_news(test_size=0.2, seed=seed)
-    train_labels, test_labels = np.asarray(data["train"]["label"]), np.asarray(data["test"]["label"])
-    parts = dirichlet_label_partition(train_labels, num_clients, alpha, 8, seed, NUM_LABELS)
-    test_parts = partition_like(test_labels, label_counts(parts, train_labels, NUM_LABELS), seed=seed)
+    split = split_into_clients(data["train"]["label"], data["test"]["label"], NUM_LABELS, num_clients, alpha, 8, seed)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-
-    def tokenize(batch: dict) -> dict:
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_seq_length)
-        encoded["labels"] = batch["label"]
-        return encoded
-
-    encoded = data.map(tokenize, batched=True, remove_columns=data["train"].column_names)
-    train = [encoded["train"].select(part) for part in parts]
-    tests = [encoded["test"].select(part) if len(part) else None for part in test_parts]
+    encoded = tokenize_for_classification(data, tokenizer, "text", "label", max_seq_length)
+    train = [encoded["train"].select(part) for part in split.parts]
+    tests = [encoded["test"].select(part) if len(part) else None for part in split.test_parts]
     return train, tests, tokenizer
