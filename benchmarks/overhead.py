@@ -38,11 +38,9 @@ from the peak-RSS numbers (run it with `--steps 0` to measure memory only).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -61,7 +59,12 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.support` impo
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.support.machine import cpu_model  # noqa: E402
+from benchmarks.support.machine import (  # noqa: E402
+    environment,
+    parameter_counts,
+    reset_peak_rss,
+    status_kb,
+)
 
 METHODS = ("head", "bottleneck", "c2a", "lora")
 NUM_LABELS = 5
@@ -127,23 +130,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict[
 
 
 # ---------------------------------------------------------------------------------------------------- measurements
-def is_head(name: str) -> bool:
-    return "classifier" in name.split(".")
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    body = [p for n, p in trainable if not is_head(n)]
-    return {
-        "trainable_params_no_head": sum(p.numel() for p in body),
-        "trainable_params_with_head": sum(p.numel() for _, p in trainable),
-        # what a client uploads per round: every trainable tensor, stored as float32
-        "upload_bytes_no_head": sum(p.numel() * 4 for p in body),
-        "upload_bytes_with_head": sum(p.numel() * 4 for _, p in trainable),
-        "total_params": sum(p.numel() for p in model.parameters()),
-    }
-
-
 def saved_activation_bytes(model: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
     """Bytes autograd keeps for backward during one training forward (unique storages, parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -165,15 +151,6 @@ def saved_activation_bytes(model: nn.Module, inputs: dict[str, torch.Tensor]) ->
     return total
 
 
-def _status_kb(field: str) -> int:
-    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`) in kB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
 def memory_worker(method: str, batch_path: str, steps: int, threads: int) -> dict[str, Any]:
     """Runs in a fresh process: peak RSS increase of `steps` training steps over the RSS after set-up."""
     torch.set_num_threads(threads)
@@ -184,19 +161,14 @@ def memory_worker(method: str, batch_path: str, steps: int, threads: int) -> dic
     optimizer = make_optimizer(model)
     inputs = model_inputs(method, batch)
     gc.collect()
-    baseline_kb = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # reset this process's peak-RSS mark (VmHWM) to the current RSS
-        reset = True
-    except OSError:
-        reset = False
+    baseline_kb = status_kb("VmRSS")
+    reset = reset_peak_rss()
     for _ in range(steps):
         train_step(model, optimizer, inputs)
     # VmHWM is the peak RSS of this process's memory map since the reset. `ru_maxrss` would be the same number in a
     # process started from a small one, but a child forked from a big Python process inherits the parent's RSS at
     # fork as its `ru_maxrss` floor (kernel: signal->maxrss set at exec), which hides the training peak.
-    peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "baseline_rss_mb": baseline_kb / 1024,
         "peak_rss_mb": peak_kb / 1024,
@@ -340,44 +312,6 @@ def check_targets(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def package_provenance() -> dict[str, Any]:
-    """Which peft_c2a was measured: its location, a digest of its sources and the repository's HEAD commit."""
-    import hashlib
-
-    import peft_c2a
-
-    package = Path(peft_c2a.__file__).parent
-    digest = hashlib.sha256()
-    for source in sorted(package.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        head = ""
-    return {"peft_c2a_path": str(package), "peft_c2a_sources_sha256": digest.hexdigest(), "repo_head": head}
-
-
-def environment(threads: int) -> dict[str, Any]:
-    import peft
-    import transformers
-
-    cpu = cpu_model()
-    return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "load_average_at_start": os.getloadavg(),
-        **package_provenance(),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -432,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"peft_c2a from {env['peft_c2a_path']} (sources sha256 {env['peft_c2a_sources_sha256'][:12]}, "
-        f"repo HEAD {env['repo_head'][:10]}); load average {env['load_average_at_start']}",
+        f"repo HEAD {env['repo_head'][:10]}); load average {env['load_average']}",
         flush=True,
     )
     batch = make_batch(args.batch_size, args.seq_len, args.seed)

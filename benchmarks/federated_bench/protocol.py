@@ -6,12 +6,9 @@ Imported by the command line (benchmarks/federated.py), the worker and the repor
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-
-from benchmarks.support.machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_FORMAT = 1
@@ -333,43 +328,3 @@ def selection_rule(settings: Mapping[str, Any]) -> str:
         f"argmax of {criterion}; {ties}failed runs never win; a winner at an edge of the grid adds the next rate "
         f"beyond it (up to {GRID_EXTENSIONS} per side)"
     )
-
-
-# =====================================================================================================================
-# Environment and provenance
-# =====================================================================================================================
-
-
-def environment(threads: Optional[int] = None) -> dict[str, Any]:
-    """Hardware, software versions and provenance of this process (recorded in every run file and the summary)."""
-    import datasets
-    import peft
-    import torch
-    import transformers
-
-    import peft_c2a
-
-    cpu = cpu_model()
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        head = ""
-    return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": platform.node(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads() if threads is None else threads,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "datasets": datasets.__version__,
-        "peft_c2a_path": str(Path(peft_c2a.__file__).parent),
-        "repo_head": head,
-        "load_average": os.getloadavg(),
-    }

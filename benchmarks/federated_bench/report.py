@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from benchmarks.support.machine import environment
+
 from .protocol import (
     _FILE_MODE,
     BASELINES,
@@ -32,7 +34,6 @@ from .protocol import (
     WORST_CLIENT_MARGIN,
     atomic_write_json,
     atomic_write_text,
-    environment,
     fmt_number,
     mean_std,
     read_run,

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from benchmarks.support.machine import environment, parameter_counts, reset_peak_rss, status_kb
+
 from .protocol import (
     METHODS,
     MODEL_FREE,
@@ -24,7 +26,6 @@ from .protocol import (
     SCENARIOS,
     RunSpec,
     atomic_write_json,
-    environment,
     tail_mean,
 )
 
@@ -48,28 +49,6 @@ def carve_validation(
         vals.append(np.sort(indices[order[:n_val]]))
         fits.append(np.sort(indices[order[n_val:]]))
     return fits, vals
-
-
-def _status_kb(key: str) -> Optional[int]:
-    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`) in kB, or None where there is no /proc."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(f"{key}:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS mark (VmHWM) to its current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # =====================================================================================================================
@@ -196,19 +175,6 @@ def build_federation(spec: RunSpec) -> Federation:
     return Federation(
         clients, client_evals, eval_dataset, unseen, tokenizer, num_labels, label_names, model_path, client_info
     )
-
-
-def is_head_parameter(name: str) -> bool:
-    return "classifier" in name.split(".")
-
-
-def parameter_counts(model: Any) -> dict[str, int]:
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return {
-        "trainable_params_with_head": sum(p.numel() for _, p in trainable),
-        "trainable_params_no_head": sum(p.numel() for name, p in trainable if not is_head_parameter(name)),
-        "total_params": sum(p.numel() for p in model.parameters()),
-    }
 
 
 def training_arguments(spec: RunSpec, output_dir: str) -> Any:
@@ -480,9 +446,9 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
         trainer.remove_callback(PrinterCallback)  # it would print every round's whole log dict
         if method.peft_method == "c2a" and method.federation_mode != "local":
             trainer.add_callback(diagnostics_callback(trainer))
-        setup_peak_kb = _status_kb("VmHWM")
-        baseline_kb = _status_kb("VmRSS")
-        reset = _reset_peak_rss()
+        setup_peak_kb = status_kb("VmHWM")
+        baseline_kb = status_kb("VmRSS")
+        reset = reset_peak_rss()
         on_cuda = torch.cuda.is_available()
         if on_cuda:  # on a GPU the memory that matters is the device's (the host RSS is mostly libraries)
             torch.cuda.synchronize()
@@ -494,7 +460,7 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
         except Exception as exc:  # a diverging lr or a failed round is a result, recorded, not a crash
             status, error = "failed", repr(exc)
         train_wall = time.time() - train_start
-        peak_kb = _status_kb("VmHWM")
+        peak_kb = status_kb("VmHWM")
         cuda_peak = torch.cuda.max_memory_allocated() if on_cuda else None
         history = trainer.history
     finally:

@@ -1,9 +1,21 @@
-"""What machine a benchmark ran on, in the words every benchmark records."""
+"""What machine and which code a benchmark ran on, and what a process costs: the helpers every benchmark shares.
+
+- `environment`: the hardware, software versions and provenance recorded in every result file.
+- `status_kb` / `reset_peak_rss`: a process's resident memory and its peak, from `/proc/self/status`.
+- `parameter_counts`: trainable parameters (with and without the classifier head) and the bytes a client uploads.
+"""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import os
 import platform
 import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cpu_model() -> str:
@@ -14,3 +26,85 @@ def cpu_model() -> str:
     except OSError:
         return cpu
     return next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), cpu)
+
+
+def environment(threads: Optional[int] = None) -> dict[str, Any]:
+    """Hardware, software versions and provenance of this process: which `peft_c2a` was measured (its folder, a
+    digest of its sources, the repository's HEAD), on what, and how busy the machine was."""
+    import datasets
+    import numpy as np
+    import peft
+    import torch
+    import transformers
+
+    import peft_c2a
+
+    package = Path(peft_c2a.__file__).parent
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        head = ""
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads() if threads is None else threads,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "datasets": datasets.__version__,
+        "peft_c2a_path": str(package),
+        "peft_c2a_sources_sha256": digest.hexdigest(),
+        "repo_head": head,
+        "load_average": os.getloadavg(),
+    }
+
+
+def status_kb(field: str) -> Optional[int]:
+    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`) in kB, or None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM) to its current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether a parameter belongs to the classification head (`classifier`), which every method trains."""
+    return "classifier" in name.split(".")
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Trainable parameters with and without the head, what a client uploads per round (every trainable tensor as
+    float32), and all parameters."""
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    body = [param for name, param in trainable if not is_head_parameter(name)]
+    return {
+        "trainable_params_no_head": sum(param.numel() for param in body),
+        "trainable_params_with_head": sum(param.numel() for _, param in trainable),
+        "upload_bytes_no_head": sum(param.numel() * 4 for param in body),
+        "upload_bytes_with_head": sum(param.numel() * 4 for _, param in trainable),
+        "total_params": sum(param.numel() for param in model.parameters()),
+    }
