@@ -37,7 +37,7 @@ from .sites import NUM_SITE_KINDS
 # The context projection starts this much weaker than the label, layer and site terms.
 CONTEXT_INIT_SCALE = 0.1
 # Calibrates the up path: at the same learning rate a generated adapter's output moves as far as a plain adapter's
-# (ratio 0.8-1.25 after 1 and 5 Adam steps at lr 1e-3 to 1e-2; tests/test_c2a_v2.py pins it on MiniLM).
+# (ratio 0.8-1.25 after 1 and 5 Adam steps at lr 1e-3 to 1e-2; tests/tuner/test_c2a_v2.py pins it on MiniLM).
 UP_PATH_GAIN = 0.95
 
 

@@ -17,7 +17,7 @@ from peft_c2a.recipes import (
     tokenize_for_classification,
 )
 
-from .conftest import NUM_LABELS, tiny_bert_config
+from ..conftest import NUM_LABELS, tiny_bert_config
 
 
 def fresh_bert() -> BertForSequenceClassification:

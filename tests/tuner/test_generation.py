@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from peft_c2a import C2AConfig
 
-from .conftest import activate_up_path
+from ..conftest import activate_up_path
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:

@@ -18,9 +18,9 @@ from transformers import default_data_collator  # noqa: E402
 from peft_c2a.federated import CheckpointError, FederatedTrainer  # noqa: E402
 from peft_c2a.flower import FederatedStrategy  # noqa: E402
 
-from . import federated_utils, flower_utils  # noqa: E402
-from .federated_utils import fed_args, skewed_clients, tiny_model  # noqa: E402
-from .flower_utils import NUM_NODES, federation_settings  # noqa: E402
+from .. import federated_utils, flower_utils  # noqa: E402
+from ..federated_utils import fed_args, skewed_clients, tiny_model  # noqa: E402
+from ..flower_utils import NUM_NODES, federation_settings  # noqa: E402
 
 # Ray's workers cannot import the test package: ship these modules by value
 cloudpickle.register_pickle_by_value(flower_utils)

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 import peft_c2a
 from peft_c2a.assets import BBC_LABELS, load_bbc_news, minilm_path
 
-from .conftest import without_logit_adjustment
+from ..conftest import without_logit_adjustment
 
 pytestmark = pytest.mark.slow
 

@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 
 from peft_c2a.federated.checkpoint import MANIFEST, list_checkpoints
 
-from .federated_worker import FINAL_HISTORY, FINAL_STATE, RUN_INFO
+from ..federated_worker import FINAL_HISTORY, FINAL_STATE, RUN_INFO
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = ("-m", "tests.federated_worker")
 SETTINGS = ("--num-rounds", "4", "--num-clients", "6", "--clients-per-round", "3", "--aggregation", "fedadam")
 ATOL = 1e-6

@@ -24,11 +24,11 @@ from peft_c2a.federated import checkpoint as checkpoint_module
 from peft_c2a.federated import server as server_module
 from peft_c2a.federated.checkpoint import MANIFEST, list_checkpoints
 
-from .conftest import NUM_LABELS, tiny_bert_config
-from .federated_utils import fed_args, skewed_clients, tiny_model
-from .federated_worker import FINAL_HISTORY, FINAL_STATE, RUN_INFO, KillableTrainer
+from ..conftest import NUM_LABELS, tiny_bert_config
+from ..federated_utils import fed_args, skewed_clients, tiny_model
+from ..federated_worker import FINAL_HISTORY, FINAL_STATE, RUN_INFO, KillableTrainer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ROUND_FILES = {
     "adapter_model.safetensors",
     "adapter_config.json",

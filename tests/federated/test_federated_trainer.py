@@ -24,8 +24,8 @@ import peft_c2a.federated.server as server_module
 from peft_c2a.federated import FedAdamServer, FederatedTrainer, FederatedTrainingArguments, state_nbytes
 from peft_c2a.federated.metrics import write_history
 
-from .conftest import NUM_LABELS, tiny_bert_config
-from .federated_utils import fed_args, skewed_clients, tiny_model, token_dataset
+from ..conftest import NUM_LABELS, tiny_bert_config
+from ..federated_utils import fed_args, skewed_clients, tiny_model, token_dataset
 
 POOLS = ([0, 1], [1, 2], [2, 0])
 

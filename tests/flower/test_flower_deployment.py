@@ -30,7 +30,7 @@ import peft_c2a  # noqa: E402, F401  (registers the C2A PEFT type)
 from peft_c2a.assets import minilm_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
-APP = Path(__file__).resolve().parents[1] / "examples" / "flower"
+APP = Path(__file__).resolve().parents[2] / "examples" / "flower"
 BIN = Path(sys.executable).parent
 
 

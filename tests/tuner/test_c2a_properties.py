@@ -11,7 +11,7 @@ from peft import get_peft_model
 import peft_c2a
 from peft_c2a import BottleneckAdapterConfig, C2AConfig, C2ALayer
 
-from .conftest import NUM_LABELS, without_logit_adjustment
+from ..conftest import NUM_LABELS, without_logit_adjustment
 
 
 def c2a_config(**overrides) -> C2AConfig:
@@ -402,6 +402,6 @@ def test_peft_version_pin_is_enforced():
 def test_pyproject_pins_the_supported_peft_series():
     import pathlib
 
-    pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    pyproject = (pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert '"peft>=0.21,<0.22"' in pyproject
     assert peft_c2a.registration.SUPPORTED_PEFT[1].release == (0, 22, 0)

@@ -14,7 +14,7 @@ from transformers import BertForTokenClassification, GPT2Config, GPT2ForSequence
 from peft_c2a import C2AConfig
 from peft_c2a.conditioning import logit_adjustment
 
-from .conftest import NUM_LABELS, activate_up_path, tiny_bert_config
+from ..conftest import NUM_LABELS, activate_up_path, tiny_bert_config
 
 DESCRIPTORS = torch.tensor([[8.0, 1.0, 0.0], [1.0, 8.0, 1.0], [0.0, 0.0, 5.0], [3.0, 3.0, 4.0]])
 
@@ -214,7 +214,7 @@ def test_generated_update_has_the_size_of_a_plain_one_on_minilm(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import calibration
 
     threads = torch.get_num_threads()

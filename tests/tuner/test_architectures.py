@@ -31,7 +31,7 @@ from peft_c2a.sites import (  # noqa: E402
     TARGET_MODULES_BY_MODEL_TYPE,
 )
 
-from .conftest import activate_up_path, without_logit_adjustment  # noqa: E402
+from ..conftest import activate_up_path, without_logit_adjustment  # noqa: E402
 
 VOCAB = 100
 HIDDEN = 32

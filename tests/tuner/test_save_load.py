@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from peft_c2a import BottleneckAdapterConfig, C2AConfig, C2ALayer
 
-from .conftest import NUM_LABELS
+from ..conftest import NUM_LABELS
 from .test_c2a_properties import DESCRIPTORS, c2a_config, make_non_trivial
 
 

@@ -9,7 +9,7 @@ from transformers import default_data_collator
 from peft_c2a.federated import CheckpointError, FederatedTrainer
 from peft_c2a.federated.checkpoint import remove_stale_temporaries
 
-from .federated_utils import fed_args, make_trainer, skewed_clients, tiny_model
+from ..federated_utils import fed_args, make_trainer, skewed_clients, tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)

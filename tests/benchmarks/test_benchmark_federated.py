@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "federated.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "federated.py"
 ALL_METHODS = ["c2a", "bottleneck", "lora", "fedprox_lora", "head", "local", "centralized", "prior_only"]
 TRAINED_METHODS = ALL_METHODS[:-1]
 

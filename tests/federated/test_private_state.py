@@ -11,7 +11,7 @@ import torch
 from peft_c2a.federated import state_nbytes
 from peft_c2a.federated.rounds import private_parameter_names
 
-from .federated_utils import make_trainer, skewed_clients, tiny_model
+from ..federated_utils import make_trainer, skewed_clients, tiny_model
 
 NUM_CLIENTS = 4
 EMBEDDING = "base_model.c2a_hypernet.default.client_embedding"

@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 import peft_c2a  # noqa: F401  (registers the C2A type for PeftModel.from_pretrained)
 from peft_c2a.assets import load_bbc_news, minilm_path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "federated_text_classification.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "federated_text_classification.py"
 SMALL = ["--max_seq_length", "32", "--local_max_steps", "2", "--num_rounds", "1", "--per_device_eval_batch_size", "128"]
 
 
