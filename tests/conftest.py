@@ -63,7 +63,8 @@ def activate_up_path(hyper, scale: float = 1.0, seed: int = 0) -> None:
 
 def without_logit_adjustment(model, logits: torch.Tensor) -> torch.Tensor:
     """`logits` of a C2A model's last forward less what its logit adjustment added (the adapters' own effect)."""
-    offsets = model.base_model._c2a_runtime.logit_offsets if hasattr(model.base_model, "_c2a_runtime") else None
+    conditioning = getattr(model.base_model, "_c2a_conditioning", None)
+    offsets = conditioning.state.logit_offsets if conditioning is not None else None
     if offsets is None:
         return logits
     return logits - (offsets.unsqueeze(1) if logits.dim() == 3 else offsets)

@@ -5,19 +5,22 @@ distribution (when the task has labels) and optionally a client id. Callers pass
 forward (`model(**batch, label_distribution=..., client_ids=...)`), through `model.generate(...)`, or set it for a
 block of code with `model.client_descriptor(...)` (for pipelines and other code that cannot pass extra kwargs).
 
-`C2ARuntime` is the one object shared by the tuner and all its layers. A forward pre-hook on the wrapped model fills it
-at the start of every forward: it pops the descriptor kwargs (so the base model never sees them), validates them,
-computes the descriptor part of each active adapter's client embedding once, and records the attention masks and the
-KV-cache length. The values stay until the next forward, because non-reentrant gradient checkpointing re-runs layers
-during backward and must see what the forward saw.
+`C2AConditioning` is the one object shared by the tuner and all its layers; its state is split by lifetime:
+- `default_descriptor`: the descriptor set for a block of code (`client_descriptor(...)`, `generate(...)`);
+- `state`, a frozen `ForwardState`: what one forward reads. A forward pre-hook on the wrapped model pops the
+  descriptor kwargs (so the base model never sees them), validates them, and replaces the state whole: the
+  descriptor part of each active adapter's client embedding (computed once), the generators, the logit offsets, the
+  attention masks and the KV-cache length. It stays until the next forward, because non-reentrant gradient
+  checkpointing re-runs layers during backward and must see what the forward saw;
+- `context_cache`: the causal context term's running sums, across the decoding steps of one generation.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -96,63 +99,144 @@ def check_client_ids(client_ids: Any, num_clients: int) -> torch.Tensor:
     return ids
 
 
+@dataclass(frozen=True)
+class ForwardState:
+    """What the C2A layers read during one forward: built whole by the tuner's pre-hook, never edited in place.
+
+    It stays until the next forward, because non-reentrant gradient checkpointing re-runs layers during backward and
+    must see what the forward saw.
+
+    Attributes:
+        descriptor_embeddings: per adapter, the descriptor part of the client embedding (label and client-id terms,
+            which do not depend on the site), `(1 or batch, k)`, or `None` when the descriptor has neither.
+        generators: per adapter, the scaled generator bases of this forward (computed once, shared by all sites;
+            computed outside any checkpointed layer, so gradient checkpointing re-uses rather than re-records them).
+        logit_offsets: what the logit adjustment adds to the class scores, `(1 or batch, num_labels)`, summed over
+            the active adapters; `None` when nothing is added (no adjustment, or the uniform default descriptor).
+        attention_mask / encoder_mask / decoder_mask: masks of the current forward (`None` means no padding).
+        batch_size: examples in the current forward, to unflatten `(batch * length, hidden)` adapter inputs.
+        past_length: positions already in the KV cache (0 outside cached decoding).
+    """
+
+    descriptor_embeddings: Mapping[str, Optional[torch.Tensor]] = field(default_factory=dict)
+    generators: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    logit_offsets: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
+    encoder_mask: Optional[torch.Tensor] = None
+    decoder_mask: Optional[torch.Tensor] = None
+    batch_size: Optional[int] = None
+    past_length: int = 0
+
+    def mask_for(self, decoder_site: bool, encoder_decoder: bool, length: int) -> Optional[torch.Tensor]:
+        """The padding mask for `length` positions seen by a site, aligned to the current (last) positions."""
+        if encoder_decoder:
+            mask = self.decoder_mask if decoder_site else self.encoder_mask
+        else:
+            mask = self.attention_mask
+        if mask is None or mask.dim() != 2:
+            return None
+        if mask.shape[1] == length:
+            return mask
+        if mask.shape[1] > length:
+            # cached decoding: the mask covers past + current positions
+            return mask[:, -length:]
+        raise ValueError(
+            f"The attention mask covers {mask.shape[1]} positions but the adapter input has {length}; C2A's context "
+            "term needs a mask aligned with the hidden states (set `use_context=False` for such models)."
+        )
+
+
 @dataclass
-class _CachedContext:
-    """Running sums of a causal context term, kept between decoding steps of one generation."""
+class CachedContext:
+    """Running sums of one site's causal context term, kept between decoding steps of one generation."""
 
     total: torch.Tensor  # (batch, hidden) sum of masked adapter inputs
     count: torch.Tensor  # (batch, 1) number of unmasked positions
     length: int  # positions seen, to check against the KV cache
 
 
-@dataclass
-class C2ARuntime:
-    """State shared by a C2A tuner and its layers for the current forward.
+class CausalContextCache:
+    """The causal context of every site and adapter across the decoding steps of one generation (emptied when a
+    forward starts without a KV cache)."""
 
-    Attributes:
-        hypernets: the tuner's `ModuleDict` of hypernetworks, one per adapter name (held by reference, so it is not
-            registered, and not saved, under every layer).
-        static_embeddings: per adapter, the descriptor part of the client embedding, `(1 or batch, k)` or `None`.
-        logit_offsets: what the logit adjustment adds to the class scores of this forward, `(1 or batch,
-            num_labels)`, summed over the active adapters; `None` when nothing is added (no adjustment, or the
-            uniform default descriptor of an unknown client).
-        generators: per adapter, the row-normalised generator bases of this forward (computed once, shared by all
-            sites; computed outside any checkpointed layer, so gradient checkpointing re-uses rather than re-records
-            them).
-        in_forward: whether a top-level forward is running (an encoder called alone, as by `generate()`, is not).
-        attention_mask / encoder_mask / decoder_mask: masks of the current forward (`None` means no padding).
-        batch_size: examples in the current forward, to unflatten `(batch * length, hidden)` adapter inputs.
-        past_length: positions already in the KV cache (0 outside cached decoding).
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], CachedContext] = {}
+
+    def get(self, module_key: str, adapter_name: str) -> Optional[CachedContext]:
+        return self._entries.get((module_key, adapter_name))
+
+    def put(self, module_key: str, adapter_name: str, entry: CachedContext) -> None:
+        self._entries[(module_key, adapter_name)] = entry
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class C2AConditioning:
+    """How a C2A tuner conditions its layers: one object, shared by the tuner and every `C2ALayer`.
+
+    It holds the descriptor set for a block of code (`default_descriptor`, from `model.client_descriptor(...)` or
+    `generate(...)`), which adapters are active, the `ForwardState` of the current forward and the causal context
+    cache. The tuner's forward pre-hook calls `begin_forward`; the layers read `state` and the cache.
+
+    Args:
+        hypernets: the tuner's `ModuleDict` of hypernetworks, one per adapter name (read to build the state).
+        active_adapters: the adapter names that condition the forward.
     """
 
-    hypernets: nn.ModuleDict
-    static_embeddings: dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
-    logit_offsets: Optional[torch.Tensor] = None
-    generators: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    in_forward: bool = False
-    attention_mask: Optional[torch.Tensor] = None
-    encoder_mask: Optional[torch.Tensor] = None
-    decoder_mask: Optional[torch.Tensor] = None
-    past_length: int = 0
-    batch_size: Optional[int] = None
-    ambient: dict[str, Any] = field(default_factory=dict)
-    context_cache: dict[str, _CachedContext] = field(default_factory=dict)
-    active_adapters: list[str] = field(default_factory=list)
-    adapters_enabled: bool = True
+    def __init__(self, hypernets: nn.ModuleDict, active_adapters: Sequence[str] = ()) -> None:
+        self.hypernets = hypernets
+        self.active_adapters = list(active_adapters)
+        self.adapters_enabled = True
+        self.in_forward = False  # a top-level forward is running (an encoder called alone by generate() is not)
+        self.default_descriptor: dict[str, Any] = {}
+        self.state = ForwardState()
+        self.context_cache = CausalContextCache()
 
-    # ------------------------------------------------------------------ descriptor
-    def begin_forward(self, descriptor: dict[str, Any], training: bool) -> None:
-        """Resolve and validate the descriptor of one forward and precompute each adapter's static embedding."""
+    def begin_forward(self, inputs: Mapping[str, Any], descriptor: Mapping[str, Any], training: bool) -> None:
+        """The state of a top-level forward: its descriptor (or the default one), masks and KV-cache length."""
+        attention_mask = inputs.get("attention_mask")
+        # transformers >= 5.24 names the KV cache `cache`; earlier releases `past_key_values`
+        cache = inputs.get("cache")
+        past_length = _cache_length(cache if cache is not None else inputs.get("past_key_values"))
+        if past_length == 0:
+            self.context_cache.clear()
+        self.state = ForwardState(
+            **self._descriptor_state(descriptor, training),
+            attention_mask=attention_mask,
+            encoder_mask=attention_mask if attention_mask is not None else self.state.encoder_mask,
+            decoder_mask=inputs.get("decoder_attention_mask"),
+            batch_size=infer_batch_size(inputs),
+            past_length=past_length,
+        )
+
+    def begin_encoder_forward(self, inputs: Mapping[str, Any], training: bool) -> None:
+        """The state when a seq2seq model's encoder runs: inside a forward, only its mask is new; called alone (as
+        `generate()` does), it also gets its own batch size and the default descriptor."""
+        encoder_mask = inputs.get("attention_mask")
+        if self.in_forward:
+            self.state = replace(self.state, encoder_mask=encoder_mask)
+            return
+        self.state = replace(
+            self.state,
+            **self._descriptor_state({}, training),
+            encoder_mask=encoder_mask,
+            batch_size=infer_batch_size(inputs),
+        )
+
+    def _descriptor_state(self, descriptor: Mapping[str, Any], training: bool) -> dict[str, Any]:
+        """Validate the descriptor of one forward; each active adapter's descriptor embedding, generators and logit
+        offsets."""
         label = descriptor.get("label_distribution", _MISSING)
         if label is _MISSING or label is None:
-            label = self.ambient.get("label_distribution")
+            label = self.default_descriptor.get("label_distribution")
         ids = descriptor.get("client_ids", _MISSING)
         if ids is _MISSING or ids is None:
-            ids = self.ambient.get("client_ids")
+            ids = self.default_descriptor.get("client_ids")
 
-        self.static_embeddings = {}
-        self.generators = {}
-        self.logit_offsets = None
+        embeddings: dict[str, Optional[torch.Tensor]] = {}
+        generators: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        logit_offsets = None
         for name in self.active_adapters:
             if name not in self.hypernets:
                 continue
@@ -173,7 +257,7 @@ class C2ARuntime:
                     if hyper.logit_adjustment > 0 and self.adapters_enabled:
                         offsets = logit_adjustment(probs, hyper.logit_adjustment, hyper.logit_adjustment_eps)
                         offsets = offsets.to(hyper.layer_embedding.device)
-                        self.logit_offsets = offsets if self.logit_offsets is None else self.logit_offsets + offsets
+                        logit_offsets = offsets if logit_offsets is None else logit_offsets + offsets
             elif label is not None:
                 raise ValueError(
                     "`label_distribution` was passed but the C2A adapter has no label term (`num_labels` is unset)."
@@ -186,8 +270,9 @@ class C2ARuntime:
                     client_ids = check_client_ids(ids, hyper.num_clients)
             elif ids is not None:
                 raise ValueError("`client_ids` was passed but the C2A adapter has no client embedding (`num_clients`).")
-            self.static_embeddings[name] = hyper.descriptor_embedding(probs, client_ids)
-            self.generators[name] = hyper.generators()
+            embeddings[name] = hyper.descriptor_embedding(probs, client_ids)
+            generators[name] = hyper.generators()
+        return {"descriptor_embeddings": embeddings, "generators": generators, "logit_offsets": logit_offsets}
 
     @contextmanager
     def descriptor(self, **descriptor: Any) -> Iterator[None]:
@@ -195,43 +280,19 @@ class C2ARuntime:
         unknown = set(descriptor) - set(DESCRIPTOR_KWARGS)
         if unknown:
             raise TypeError(f"Unknown descriptor fields {sorted(unknown)}; expected {list(DESCRIPTOR_KWARGS)}.")
-        previous = dict(self.ambient)
-        self.ambient.update({k: v for k, v in descriptor.items() if v is not None})
+        previous = dict(self.default_descriptor)
+        self.default_descriptor.update({k: v for k, v in descriptor.items() if v is not None})
         try:
             yield
         finally:
-            self.ambient = previous
+            self.default_descriptor = previous
 
-    # ------------------------------------------------------------------ masks and cache
-    def record_inputs(self, bound: dict[str, Any]) -> None:
-        """Record the masks and the KV-cache length of a top-level forward."""
-        self.attention_mask = bound.get("attention_mask")
-        if self.attention_mask is not None:
-            self.encoder_mask = self.attention_mask
-        self.decoder_mask = bound.get("decoder_attention_mask")
-        self.batch_size = infer_batch_size(bound)
-        # transformers >= 5.24 names the KV cache `cache`; earlier releases `past_key_values`
-        cache = bound.get("cache")
-        self.past_length = _cache_length(cache if cache is not None else bound.get("past_key_values"))
-        if self.past_length == 0:
-            self.context_cache = {}
-
-    def mask_for(self, decoder_site: bool, encoder_decoder: bool, length: int) -> Optional[torch.Tensor]:
-        """The padding mask for `length` positions seen by a site, aligned to the current (last) positions."""
-        if encoder_decoder:
-            mask = self.decoder_mask if decoder_site else self.encoder_mask
-        else:
-            mask = self.attention_mask
-        if mask is None or mask.dim() != 2:
-            return None
-        if mask.shape[1] == length:
-            return mask
-        if mask.shape[1] > length:
-            # cached decoding: the mask covers past + current positions
-            return mask[:, -length:]
-        raise ValueError(
-            f"The attention mask covers {mask.shape[1]} positions but the adapter input has {length}; C2A's context "
-            "term needs a mask aligned with the hidden states (set `use_context=False` for such models)."
+    def forget_adapter(self, adapter_name: str) -> None:
+        """Drop a deleted adapter from the current state."""
+        self.state = replace(
+            self.state,
+            descriptor_embeddings={k: v for k, v in self.state.descriptor_embeddings.items() if k != adapter_name},
+            generators={k: v for k, v in self.state.generators.items() if k != adapter_name},
         )
 
 

@@ -14,8 +14,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .conditioning import C2ARuntime, _CachedContext
+from .conditioning import C2AConditioning, CachedContext
 from .config import C2AConfig, _AdapterSitesConfig
+from .sites import AdapterSite
 
 
 class _BottleneckLayerBase(nn.Module, BaseTunerLayer):
@@ -107,8 +108,9 @@ class BottleneckAdapterLayer(_BottleneckLayerBase):
 class C2ALayer(_BottleneckLayerBase):
     """Bottleneck adapter whose weights the shared C2A hypernetwork generates from the client embedding.
 
-    The layer owns only its adapter biases; it reaches the hypernetwork and the current client descriptor through
-    the runtime shared with the tuner (not registered here, so they are saved once, on the tuner).
+    The layer owns only its adapter biases. The tuner hands it the shared hypernetworks (as PEFT's VeRA hands its
+    layers the shared projections) and the conditioning object that holds the current forward's state; neither is
+    registered here, so the hypernetworks are saved once, on the tuner.
     """
 
     adapter_layer_names = ("c2a_down_bias", "c2a_up_bias")
@@ -119,13 +121,10 @@ class C2ALayer(_BottleneckLayerBase):
         base_layer: nn.Module,
         adapter_name: str,
         config: C2AConfig,
-        runtime: C2ARuntime,
-        site_key: str,
-        layer_id: int,
-        site: int,
-        decoder_site: bool,
-        causal: bool,
-        encoder_decoder: bool,
+        hypernets: nn.ModuleDict,
+        conditioning: C2AConditioning,
+        module_key: str,
+        site: AdapterSite,
         **kwargs: Any,
     ) -> None:
         super().__init__(base_layer, **kwargs)
@@ -135,31 +134,24 @@ class C2ALayer(_BottleneckLayerBase):
         self.c2a_site: dict[str, int] = {}
         self.c2a_decoder_site: dict[str, bool] = {}
         self.c2a_causal: dict[str, bool] = {}
-        self._c2a_runtime = runtime
-        self._c2a_site_key = site_key
-        self._c2a_encoder_decoder = encoder_decoder
+        # plain attributes, not submodules: registered here, every layer would save its own copy of the hypernetworks
+        object.__setattr__(self, "_c2a_hypernets", hypernets)
+        object.__setattr__(self, "_c2a_conditioning", conditioning)
+        self._c2a_module_key = module_key  # this module's name: its key in the causal context cache
+        self._c2a_encoder_decoder = site.encoder_decoder
         self._active_adapter = adapter_name
-        self.update_layer(
-            adapter_name, config, layer_id, site, decoder_site, causal, inference_mode=config.inference_mode
-        )
+        self.update_layer(adapter_name, config, site, inference_mode=config.inference_mode)
 
     def update_layer(
-        self,
-        adapter_name: str,
-        config: C2AConfig,
-        layer_id: int,
-        site: int,
-        decoder_site: bool,
-        causal: bool,
-        inference_mode: bool = False,
+        self, adapter_name: str, config: C2AConfig, site: AdapterSite, inference_mode: bool = False
     ) -> None:
         self._update_common(adapter_name, config)
         self.c2a_down_bias[adapter_name] = nn.Parameter(torch.zeros(config.bottleneck_dim))
         self.c2a_up_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
-        self.c2a_layer_id[adapter_name] = layer_id
-        self.c2a_site[adapter_name] = site
-        self.c2a_decoder_site[adapter_name] = decoder_site
-        self.c2a_causal[adapter_name] = causal
+        self.c2a_layer_id[adapter_name] = site.layer_id
+        self.c2a_site[adapter_name] = site.kind
+        self.c2a_decoder_site[adapter_name] = site.decoder_site
+        self.c2a_causal[adapter_name] = site.causal
         device = self.get_base_layer().weight.device
         for container in (self.c2a_down_bias, self.c2a_up_bias):
             container[adapter_name] = nn.Parameter(container[adapter_name].to(device))
@@ -167,8 +159,8 @@ class C2ALayer(_BottleneckLayerBase):
 
     # ------------------------------------------------------------------ the adapter
     def _adapter_delta(self, hidden: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        runtime = self._c2a_runtime
-        hyper = runtime.hypernets[adapter_name]
+        state = self._c2a_conditioning.state
+        hyper = self._c2a_hypernets[adapter_name]
         layer_id, site = self.c2a_layer_id[adapter_name], self.c2a_site[adapter_name]
         dtype = hyper.down_factor.dtype
         flat_shape = hidden.shape if hidden.dim() == 2 else None
@@ -181,20 +173,20 @@ class C2ALayer(_BottleneckLayerBase):
         batch, length = x.shape[0], x.shape[1]
 
         embedding = hyper.site_embedding_for(layer_id, site).unsqueeze(0)  # (1, k)
-        static = runtime.static_embeddings.get(adapter_name)
-        if static is not None:
-            if static.shape[0] not in (1, batch):
+        described = state.descriptor_embeddings.get(adapter_name)
+        if described is not None:
+            if described.shape[0] not in (1, batch):
                 raise ValueError(
-                    f"The client descriptor has {static.shape[0]} rows but the batch has {batch} examples; pass one "
+                    f"The client descriptor has {described.shape[0]} rows but the batch has {batch} examples; pass one "
                     "row per example or a single row for the whole batch."
                 )
-            embedding = embedding + static.to(dtype)
+            embedding = embedding + described.to(dtype)
         if hyper.context_weight is not None:
             pooled = self._pooled_context(hidden, adapter_name, length)
             embedding = (embedding.unsqueeze(1) if pooled.dim() == 3 else embedding) + hyper.context_embedding(pooled)
 
         embedding = hyper.client_embedding_from_terms(embedding)
-        gen_down, gen_up = runtime.generators.get(adapter_name) or hyper.generators()  # (k, r, d) each, scaled
+        gen_down, gen_up = state.generators.get(adapter_name) or hyper.generators()  # (k, r, d) each, scaled
         act = self.adapter_act[adapter_name]
         down_bias, up_bias = self.c2a_down_bias[adapter_name], self.c2a_up_bias[adapter_name]
         if embedding.dim() == 2:
@@ -214,7 +206,7 @@ class C2ALayer(_BottleneckLayerBase):
         return out.reshape(flat_shape[0], -1) if flat_shape is not None else out
 
     def _unflattened_batch(self, rows: int) -> int:
-        batch = self._c2a_runtime.batch_size
+        batch = self._c2a_conditioning.state.batch_size
         if batch is None or rows == batch:
             return rows
         if rows % batch:
@@ -226,9 +218,10 @@ class C2ALayer(_BottleneckLayerBase):
 
     def _pooled_context(self, hidden: torch.Tensor, adapter_name: str, length: int) -> torch.Tensor:
         """Mask-aware mean of the adapter input: per example `(batch, d)`, or causal running mean `(batch, T, d)`."""
-        runtime = self._c2a_runtime
-        x = hidden.to(runtime.hypernets[adapter_name].down_factor.dtype)
-        mask = runtime.mask_for(self.c2a_decoder_site[adapter_name], self._c2a_encoder_decoder, length)
+        conditioning = self._c2a_conditioning
+        state = conditioning.state
+        x = hidden.to(self._c2a_hypernets[adapter_name].down_factor.dtype)
+        mask = state.mask_for(self.c2a_decoder_site[adapter_name], self._c2a_encoder_decoder, length)
         weights = None if mask is None else mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)
         if not self.c2a_causal[adapter_name]:
             if weights is None:
@@ -238,17 +231,18 @@ class C2ALayer(_BottleneckLayerBase):
         weights = torch.ones_like(x[..., :1]) if weights is None else weights
         totals = torch.cumsum(x * weights, dim=1)
         counts = torch.cumsum(weights, dim=1)
-        cache_key = f"{self._c2a_site_key}/{adapter_name}"
-        if runtime.past_length > 0:
-            cached = runtime.context_cache.get(cache_key)
-            if cached is None or cached.length != runtime.past_length or cached.total.shape[0] != x.shape[0]:
+        if state.past_length > 0:
+            cached = conditioning.context_cache.get(self._c2a_module_key, adapter_name)
+            if cached is None or cached.length != state.past_length or cached.total.shape[0] != x.shape[0]:
                 raise ValueError(
                     "C2A's causal context cache does not match the KV cache (it supports step-by-step decoding of one "
                     "batch, as in greedy search and sampling; not beam search or a cache from another call)."
                 )
             totals = totals + cached.total.unsqueeze(1)
             counts = counts + cached.count.unsqueeze(1)
-        runtime.context_cache[cache_key] = _CachedContext(
-            totals[:, -1].detach(), counts[:, -1].detach(), runtime.past_length + length
+        conditioning.context_cache.put(
+            self._c2a_module_key,
+            adapter_name,
+            CachedContext(totals[:, -1].detach(), counts[:, -1].detach(), state.past_length + length),
         )
         return totals / counts.clamp_min(1.0)

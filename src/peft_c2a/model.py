@@ -17,12 +17,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .conditioning import DESCRIPTOR_KWARGS, C2ARuntime, bind_forward_arguments, infer_batch_size
+from .conditioning import DESCRIPTOR_KWARGS, C2AConditioning, bind_forward_arguments
 from .config import C2AConfig, _AdapterSitesConfig
 from .hypernetwork import C2AHyperNetwork, refuse_first_version_state
 from .layer import BottleneckAdapterLayer, C2ALayer
 from .sites import (
     TARGET_MODULES_BY_MODEL_TYPE,
+    AdapterSite,
     is_adaptable,
     is_decoder_only_model,
     is_decoder_site,
@@ -175,14 +176,14 @@ class C2AModel(_BottleneckTunerBase):
                 )
         plan = self._plan_sites(config, model, targets)
         hidden_size = _out_features(targets[0][1])
-        num_layers = 1 + max(site["layer_id"] for site in plan.values())
+        num_layers = 1 + max(site.layer_id for site in plan.values())
         # `add_adapter` and `load_adapter` call `inject_adapter` directly (not `_pre_injection_hook`), so the shared
         # hypernetwork is built here, after every check and before PEFT walks the model and creates the layers.
         hypernetwork = self._build_hypernetwork(config, model, hidden_size, num_layers)
         if "c2a_hypernet" not in self._modules:
             self.c2a_hypernet = nn.ModuleDict()
             self.c2a_hypernet._register_load_state_dict_pre_hook(refuse_first_version_state)
-            self._c2a_runtime = C2ARuntime(hypernets=self.c2a_hypernet, active_adapters=list(self.active_adapters))
+            self._c2a_conditioning = C2AConditioning(self.c2a_hypernet, self.active_adapters)
             self._install_descriptor_plumbing(model)
         self._c2a_plan = plan
         self.c2a_hypernet[adapter_name] = hypernetwork
@@ -203,7 +204,7 @@ class C2AModel(_BottleneckTunerBase):
 
     def _plan_sites(
         self, config: C2AConfig, model: nn.Module, targets: list[tuple[str, nn.Module]]
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, AdapterSite]:
         """Layer id, site kind and context mode of every targeted module (all of one output width)."""
         if not targets:
             raise ValueError("C2A needs `target_modules` that match the model (the hypernetwork is sized from them).")
@@ -228,13 +229,7 @@ class C2AModel(_BottleneckTunerBase):
                     "future while training). Leave `causal_context` unset (causal where needed) or set "
                     "`use_context=False`."
                 )
-            plan[key] = {
-                "layer_id": layer_id,
-                "site": site_kind(key),
-                "decoder_site": decoder_site,
-                "causal": causal,
-                "encoder_decoder": encoder_decoder,
-            }
+            plan[key] = AdapterSite(layer_id, site_kind(key), decoder_site, causal, encoder_decoder)
         return plan
 
     def _build_hypernetwork(
@@ -272,17 +267,11 @@ class C2AModel(_BottleneckTunerBase):
     ) -> None:
         site = self._c2a_plan[current_key]
         if isinstance(target, C2ALayer):
-            target.update_layer(
-                adapter_name,
-                peft_config,
-                site["layer_id"],
-                site["site"],
-                site["decoder_site"],
-                site["causal"],
-                inference_mode=peft_config.inference_mode,
-            )
+            target.update_layer(adapter_name, peft_config, site, inference_mode=peft_config.inference_mode)
             return
-        new_module = C2ALayer(target, adapter_name, peft_config, self._c2a_runtime, site_key=current_key, **site)
+        new_module = C2ALayer(
+            target, adapter_name, peft_config, self.c2a_hypernet, self._c2a_conditioning, current_key, site
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -295,10 +284,10 @@ class C2AModel(_BottleneckTunerBase):
         none) calls it. `generate` is overridden on the model instance because plain `PeftModel.generate` calls the
         base model's `generate` directly, which would reject the descriptor kwargs.
         """
-        runtime = self._c2a_runtime
+        conditioning = self._c2a_conditioning
 
         def adjust_logits(module: nn.Module, args: tuple, output: Any) -> Any:
-            offsets = runtime.logit_offsets
+            offsets = conditioning.state.logit_offsets
             if offsets is None or not isinstance(output, torch.Tensor) or output.shape[-1] != offsets.shape[-1]:
                 return None  # no adjustment, or not class scores (a regression head)
             if output.dim() == 3:  # per position: token classification, or a decoder's score before pooling
@@ -324,22 +313,17 @@ class C2AModel(_BottleneckTunerBase):
         def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             descriptor = {name: kwargs.pop(name) for name in DESCRIPTOR_KWARGS if name in kwargs}
             hook_classification_head()
-            runtime.record_inputs(bind_forward_arguments(module, args, kwargs))
-            runtime.begin_forward(descriptor, training=module.training)
-            runtime.in_forward = True
+            conditioning.begin_forward(bind_forward_arguments(module, args, kwargs), descriptor, module.training)
+            conditioning.in_forward = True
             return args, kwargs
 
         def after_forward(module: nn.Module, args: tuple, output: Any) -> None:
-            runtime.in_forward = False
+            conditioning.in_forward = False
 
         def before_encoder(module: nn.Module, args: tuple, kwargs: dict) -> None:
             # generate() runs the encoder of a seq2seq model on its own: take its mask, and its descriptor from the
-            # ambient one that `generate(label_distribution=..., client_ids=...)` set
-            bound = bind_forward_arguments(module, args, kwargs)
-            runtime.encoder_mask = bound.get("attention_mask")
-            if not runtime.in_forward:
-                runtime.batch_size = infer_batch_size(bound)
-                runtime.begin_forward({}, training=module.training)
+            # default one that `generate(label_distribution=..., client_ids=...)` set
+            conditioning.begin_encoder_forward(bind_forward_arguments(module, args, kwargs), module.training)
 
         self._c2a_head_hook, self._c2a_hooked_head = None, None
         self._c2a_hooks = [
@@ -374,7 +358,7 @@ class C2AModel(_BottleneckTunerBase):
             ...     pipe("A headline to classify")
             ```
         """
-        with self._c2a_runtime.descriptor(label_distribution=label_distribution, client_ids=client_ids):
+        with self._c2a_conditioning.descriptor(label_distribution=label_distribution, client_ids=client_ids):
             yield
 
     def generate(self, *args: Any, label_distribution: Any = None, client_ids: Any = None, **kwargs: Any) -> Any:
@@ -399,7 +383,7 @@ class C2AModel(_BottleneckTunerBase):
         client_ids = _repeat_rows(client_ids, repeats, per_prompt_dims=1)
         if self._c2a_model_generate is None:
             raise TypeError(f"{type(self.model).__name__} has no `generate` method.")
-        with self._c2a_runtime.descriptor(label_distribution=label_distribution, client_ids=client_ids):
+        with self._c2a_conditioning.descriptor(label_distribution=label_distribution, client_ids=client_ids):
             return self._c2a_model_generate(*args, **kwargs)
 
     def _c2a_layers(self) -> Iterator[C2ALayer]:
@@ -412,7 +396,7 @@ class C2AModel(_BottleneckTunerBase):
         for name, hyper in self.c2a_hypernet.items():
             trainable = enabled and name in active and not self.peft_config[name].inference_mode
             hyper.requires_grad_(trainable)
-        self._c2a_runtime.active_adapters = [name for name in self.active_adapters if name in self.c2a_hypernet]
+        self._c2a_conditioning.active_adapters = [name for name in self.active_adapters if name in self.c2a_hypernet]
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -425,13 +409,12 @@ class C2AModel(_BottleneckTunerBase):
         super()._enable_adapter_layers(enabled)
         self._sync_hypernet_grad(enabled)
         # the logit adjustment is part of the adapter: `disable_adapter()` gives exactly the base model
-        self._c2a_runtime.adapters_enabled = enabled
+        self._c2a_conditioning.adapters_enabled = enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         del self.c2a_hypernet[adapter_name]
-        self._c2a_runtime.static_embeddings.pop(adapter_name, None)
-        self._c2a_runtime.generators.pop(adapter_name, None)
+        self._c2a_conditioning.forget_adapter(adapter_name)
         self._sync_hypernet_grad()
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -40,6 +41,25 @@ SITE_FEED_FORWARD = 1
 SITE_CROSS_ATTENTION = 2
 NUM_SITE_KINDS = 3
 SITE_NAMES = {SITE_ATTENTION: "attention", SITE_FEED_FORWARD: "feed_forward", SITE_CROSS_ATTENTION: "cross_attention"}
+
+
+class AdapterSite(NamedTuple):
+    """What one adapted module is, as the hypernetwork and its layer see it.
+
+    Attributes:
+        layer_id: index of its transformer block among the adapted ones (the layer embedding's row).
+        kind: `SITE_ATTENTION`, `SITE_FEED_FORWARD` or `SITE_CROSS_ATTENTION` (the site embedding's row).
+        decoder_site: whether it sits in a decoder (its mask is the decoder's in encoder-decoder models).
+        causal: whether its context term is a running (causal) mean rather than a mean over the sequence.
+        encoder_decoder: whether the model is an encoder-decoder (which mask the site reads).
+    """
+
+    layer_id: int
+    kind: int
+    decoder_site: bool
+    causal: bool
+    encoder_decoder: bool
+
 
 _CROSS_ATTENTION_PARTS = {"crossattention", "encdecattention", "encoder_attn", "cross_attn", "crossattn"}
 _LAYER_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")

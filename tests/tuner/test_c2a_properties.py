@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -134,15 +135,15 @@ def test_per_example_and_per_position_paths_agree(tiny_bert, batch):
     layer = next(m for m in model.modules() if isinstance(m, C2ALayer))
     hidden = torch.randn(4, 9, 32)
     with torch.no_grad():
-        model(**batch, label_distribution=DESCRIPTORS)  # fills the runtime's descriptor embeddings
+        model(**batch, label_distribution=DESCRIPTORS)  # fills the forward state's descriptor embeddings
         per_example = layer._adapter_delta(hidden, "default")
-        runtime = layer._c2a_runtime
-        static = runtime.static_embeddings["default"]
-        hyper = runtime.hypernets["default"]
+        conditioning = layer._c2a_conditioning
+        static = conditioning.state.descriptor_embeddings["default"]
+        hyper = layer._c2a_hypernets["default"]
         # force the per-position path by giving every position its own (identical) embedding
         hyper.context_weight = torch.nn.Parameter(torch.zeros(hyper.client_embed_dim, 32))
         layer.c2a_causal["default"] = True
-        runtime.attention_mask = None
+        conditioning.state = dataclasses.replace(conditioning.state, attention_mask=None)
         per_position = layer._adapter_delta(hidden, "default")
         hyper.context_weight = None
         layer.c2a_causal["default"] = False

@@ -57,8 +57,8 @@ def test_positional_mask_is_seen_when_the_base_model_is_called_directly(tiny_ber
         by_keyword = hf_model(**batch, label_distribution=DESCRIPTORS).logits
         by_position = hf_model(batch["input_ids"], batch["attention_mask"], label_distribution=DESCRIPTORS).logits
     assert torch.equal(by_keyword, by_position)
-    runtime = model.base_model._c2a_runtime
-    assert torch.equal(runtime.attention_mask, batch["attention_mask"])
+    state = model.base_model._c2a_conditioning.state
+    assert torch.equal(state.attention_mask, batch["attention_mask"])
 
 
 def test_padding_is_excluded_from_the_context(tiny_bert, batch):
