@@ -21,16 +21,7 @@ from .conditioning import DESCRIPTOR_KWARGS, C2AConditioning, bind_forward_argum
 from .config import C2AConfig, _AdapterSitesConfig
 from .hypernetwork import C2AHyperNetwork, refuse_first_version_state
 from .layer import BottleneckAdapterLayer, C2ALayer
-from .sites import (
-    TARGET_MODULES_BY_MODEL_TYPE,
-    AdapterSite,
-    is_adaptable,
-    is_decoder_only_model,
-    is_decoder_site,
-    layer_key,
-    site_kind,
-    unknown_architecture_error,
-)
+from .sites import TARGET_MODULES_BY_MODEL_TYPE, is_adaptable, out_features, plan_sites, unknown_architecture_error
 
 
 class _BottleneckTunerBase(BaseTuner):
@@ -174,8 +165,8 @@ class C2AModel(_BottleneckTunerBase):
                     f"C2AConfig(num_labels={config.num_labels}) does not match the model's {model_labels} labels; the "
                     "label distribution must describe the classes the model predicts."
                 )
-        plan = self._plan_sites(config, model, targets)
-        hidden_size = _out_features(targets[0][1])
+        plan = plan_sites(model, targets, config.use_context, config.causal_context)
+        hidden_size = out_features(targets[0][1])
         num_layers = 1 + max(site.layer_id for site in plan.values())
         # `add_adapter` and `load_adapter` call `inject_adapter` directly (not `_pre_injection_hook`), so the shared
         # hypernetwork is built here, after every check and before PEFT walks the model and creates the layers.
@@ -201,36 +192,6 @@ class C2AModel(_BottleneckTunerBase):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._sync_hypernet_grad()
-
-    def _plan_sites(
-        self, config: C2AConfig, model: nn.Module, targets: list[tuple[str, nn.Module]]
-    ) -> dict[str, AdapterSite]:
-        """Layer id, site kind and context mode of every targeted module (all of one output width)."""
-        if not targets:
-            raise ValueError("C2A needs `target_modules` that match the model (the hypernetwork is sized from them).")
-        widths = {_out_features(module) for _, module in targets}
-        if len(widths) != 1:
-            raise ValueError(
-                f"C2A generates adapters of one width, but the targeted modules output {sorted(widths)} features. "
-                "Restrict `target_modules` to projections of one hidden size."
-            )
-        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-        decoder_only = is_decoder_only_model(model)
-        layer_ids: dict[str, int] = {}
-        plan = {}
-        for key, _ in targets:
-            layer_id = layer_ids.setdefault(layer_key(key), len(layer_ids))
-            decoder_site = is_decoder_site(key, encoder_decoder, decoder_only)
-            causal = decoder_site if config.causal_context is None else config.causal_context
-            if decoder_site and config.use_context and not causal:
-                raise ValueError(
-                    f"C2AConfig(causal_context=False) on {key!r}, a decoder module: a context pooled over the whole "
-                    "sequence lets later tokens change the outputs at earlier positions (the model would see the "
-                    "future while training). Leave `causal_context` unset (causal where needed) or set "
-                    "`use_context=False`."
-                )
-            plan[key] = AdapterSite(layer_id, site_kind(key), decoder_site, causal, encoder_decoder)
-        return plan
 
     def _build_hypernetwork(
         self, config: C2AConfig, model: nn.Module, hidden_size: int, num_layers: int
@@ -443,12 +404,6 @@ def _classification_head(model: nn.Module) -> Optional[nn.Module]:
         if isinstance(head, nn.Module):
             return head
     return None
-
-
-def _out_features(module: nn.Module) -> int:
-    from peft.tuners.tuners_utils import _get_in_out_features
-
-    return _get_in_out_features(module)[1]
 
 
 def _repeat_rows(value: Any, repeats: int, per_prompt_dims: int) -> Any:

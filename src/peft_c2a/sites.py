@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -123,3 +123,46 @@ def unknown_architecture_error(model_type: str | None, module_names: Iterable[st
         "projections of the attention and feed-forward blocks, e.g. "
         "`C2AConfig(target_modules=['attn.out_proj', 'mlp.fc2'], ...)`."
     )
+
+
+def out_features(module: nn.Module) -> int:
+    """The output width of a linear module (`nn.Linear` or GPT-2's `Conv1D`)."""
+    from peft.tuners.tuners_utils import _get_in_out_features
+
+    return _get_in_out_features(module)[1]
+
+
+def plan_sites(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], use_context: bool, causal_context: Optional[bool]
+) -> dict[str, AdapterSite]:
+    """The `AdapterSite` of every targeted module, by name (all must have one output width).
+
+    `causal_context=None` makes exactly the decoder sites causal. Raises `ValueError` for no targets, targets of
+    several widths, or a non-causal context term on a decoder site (it would let later tokens change earlier
+    outputs: the model would see the future while training).
+    """
+    if not targets:
+        raise ValueError("C2A needs `target_modules` that match the model (the hypernetwork is sized from them).")
+    widths = {out_features(module) for _, module in targets}
+    if len(widths) != 1:
+        raise ValueError(
+            f"C2A generates adapters of one width, but the targeted modules output {sorted(widths)} features. "
+            "Restrict `target_modules` to projections of one hidden size."
+        )
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    decoder_only = is_decoder_only_model(model)
+    layer_ids: dict[str, int] = {}
+    plan = {}
+    for key, _ in targets:
+        layer_id = layer_ids.setdefault(layer_key(key), len(layer_ids))
+        decoder_site = is_decoder_site(key, encoder_decoder, decoder_only)
+        causal = decoder_site if causal_context is None else causal_context
+        if decoder_site and use_context and not causal:
+            raise ValueError(
+                f"C2AConfig(causal_context=False) on {key!r}, a decoder module: a context pooled over the whole "
+                "sequence lets later tokens change the outputs at earlier positions (the model would see the "
+                "future while training). Leave `causal_context` unset (causal where needed) or set "
+                "`use_context=False`."
+            )
+        plan[key] = AdapterSite(layer_id, site_kind(key), decoder_site, causal, encoder_decoder)
+    return plan
