@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedyogi")
 FEDERATION_MODES = ("federated", "local", "centralized")
+WEIGHTINGS = ("examples", "equal")
 _DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
 
 
@@ -79,6 +80,13 @@ class FederatedTrainingArguments(TrainingArguments):
         client_sampling_seed (`int`, *optional*):
             Seed of the per-round client sampling. Defaults to `seed`. Local training is reseeded from `seed`, the
             round and the client, so results do not depend on the process that trains a client or on resumption.
+        client_weighting (`str`, defaults to `"examples"`):
+            Weight of a client's update in the round's mean: `"examples"` (its number of training examples, FedAvg)
+            or `"equal"` (every usable update counts the same).
+        max_client_weight (`float`, *optional*):
+            A cap on any one client's share of a round's weights, as a fraction of the sampled clients' total (in
+            `(0, 1]`; the excess is spread over the others in proportion to their weights). Bounds what a client
+            with a huge (or a falsely announced) example count can do to the global state.
     """
 
     num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds."})
@@ -112,6 +120,14 @@ class FederatedTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Seed of the client sampling (defaults to seed)."}
     )
 
+    client_weighting: str = field(
+        default="examples",
+        metadata={"help": "Weight of a client's update: its example count, or equal.", "choices": list(WEIGHTINGS)},
+    )
+    max_client_weight: Optional[float] = field(
+        default=None, metadata={"help": "Cap on one client's share of a round's weights (a fraction in (0, 1])."}
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.aggregation = self.aggregation.lower()
@@ -138,6 +154,15 @@ class FederatedTrainingArguments(TrainingArguments):
             raise ValueError(f"`server_learning_rate` must be > 0, got {self.server_learning_rate}.")
         if not (0.0 <= self.server_beta1 < 1.0 and 0.0 <= self.server_beta2 < 1.0 and self.server_tau > 0):
             raise ValueError("Server optimizer needs 0 <= server_beta1, server_beta2 < 1 and server_tau > 0.")
+        # a non-finite setting would turn the global state into NaN / inf at the first round, and be checkpointed
+        for name in ("learning_rate", "server_learning_rate", "server_tau", "proximal_mu", "local_epochs"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"`{name}` must be finite, got {value}.")
+        if self.client_weighting not in WEIGHTINGS:
+            raise ValueError(f"`client_weighting` must be one of {WEIGHTINGS}, got {self.client_weighting!r}.")
+        if self.max_client_weight is not None and not 0.0 < self.max_client_weight <= 1.0:
+            raise ValueError(f"`max_client_weight` must lie in (0, 1], got {self.max_client_weight}.")
 
     @property
     def effective_server_learning_rate(self) -> float:

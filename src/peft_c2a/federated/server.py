@@ -32,7 +32,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from .aggregation import FedAvgServer, UpdateAccumulator, make_server_optimizer
+from .aggregation import FedAvgServer, UpdateAccumulator, make_server_optimizer, non_finite_tensors
 from .arguments import FederatedTrainingArguments
 from .checkpoint import (
     FEDERATION_STATE_FILE,
@@ -191,8 +191,43 @@ class FederationServer:
                 "intact."
             )
         if accumulator is not None:
-            self.global_state = self.server_optimizer.step(self.global_state, accumulator.mean())
+            before = self.server_optimizer.state_dict()
+            new_state = self.server_optimizer.step(self.global_state, accumulator.mean())
+            bad = non_finite_tensors(new_state)
+            if bad:
+                self.server_optimizer.load_state_dict(before)
+                raise RuntimeError(
+                    f"Round {round_index}: the aggregated global state is not finite (in {bad[:3]}); it was not "
+                    "applied and the last checkpoint is intact. Lower `server_learning_rate`, or bound the updates "
+                    "(`max_client_weight`)."
+                )
+            self.global_state = new_state
         return round_record(round_index, sampled, reports)
+
+    def client_weights(self, example_counts: Mapping[str, int]) -> dict[str, float]:
+        """Each sampled client's weight in the round's mean update, from its example count.
+
+        `client_weighting="examples"` (FedAvg) weights by the counts, `"equal"` equally; `max_client_weight` then caps
+        every share of the total at that fraction, the excess spread over the others in proportion to their weights
+        (if the cap cannot hold, `cap * clients < 1`, all get equal shares).
+        """
+        equal = self.args.client_weighting == "equal"
+        weights = {name: 1.0 if equal else float(count) for name, count in example_counts.items()}
+        cap = self.args.max_client_weight
+        if cap is None or not weights:
+            return weights
+        if cap * len(weights) < 1.0:
+            return dict.fromkeys(weights, 1.0 / len(weights))
+        capped: set[str] = set()
+        while True:
+            free = {name: weight for name, weight in weights.items() if name not in capped}
+            left = 1.0 - cap * len(capped)
+            total = sum(free.values())
+            shares = {name: left * weight / total for name, weight in free.items()} if total > 0 else {}
+            over = {name for name, share in shares.items() if share > cap}
+            if not over:
+                return {**shares, **dict.fromkeys(capped, cap)}
+            capped |= over
 
     def is_evaluation_round(self, round_index: int) -> bool:
         """Whether `round_index` ends with an evaluation (every `eval_every_rounds`, and always the last)."""

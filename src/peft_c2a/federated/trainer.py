@@ -251,6 +251,7 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
         mine = sampled[args.process_index :: args.world_size]
         local_mode = args.federation_mode == "local"
         accumulator = UpdateAccumulator(self.global_state)
+        weights = self.server.client_weights({name: self._client(name).num_examples for name in sampled})
         reports: list[ClientReport] = []
         new_client_states, new_private_states = {}, {}
         for name in mine:
@@ -262,14 +263,14 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
             if local_mode:
                 new_client_states[name] = self.get_trainable_state()  # exact, unlike start + update
             else:
-                accumulator.add(update, report.num_examples)
+                accumulator.add(update, weights[name])
                 if name in self.client_private_states:
                     new_private_states[name] = self.client_private_states[name]
 
         if args.world_size > 1:
             reports = gather_object(reports)
             accumulator.weighted_sum = self.accelerator.reduce(accumulator.weighted_sum.to(args.device), "sum").cpu()
-            accumulator.total_weight = sum(r.num_examples for r in reports if r.ok and not local_mode)
+            accumulator.total_weight = sum(weights[r.client] for r in reports if r.ok and not local_mode)
             if local_mode:
                 for part in gather_object([new_client_states]):
                     self.client_states.update(part)

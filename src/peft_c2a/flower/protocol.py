@@ -14,6 +14,7 @@ keeps them, `client_app.py`), and neither does anything computed from a client's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -250,7 +251,29 @@ def decode_evaluate_reply(
         if evaluation_pass not in scores or name not in addressed:
             continue
         try:
-            scores[evaluation_pass][name] = {str(k): float(v) for k, v in record.items()}
+            values = {str(k): float(v) for k, v in record.items()}
         except (TypeError, ValueError):
             failed[name] = f"malformed scores from node {node}"
+            continue
+        problem = _score_problem(values)
+        if problem is not None:
+            failed[name] = f"impossible scores from node {node}: {problem}"
+            continue
+        scores[evaluation_pass][name] = values
+    for evaluation_pass in EVALUATION_PASSES:  # a client with a bad pass is not half-counted
+        for name in failed:
+            scores[evaluation_pass].pop(name, None)
     return scores, failed
+
+
+def _score_problem(scores: Mapping[str, float]) -> Optional[str]:
+    """Why a client's reported scores cannot be true (a share outside [0, 1], a negative or fractional example
+    count, a negative or non-finite loss), or `None`."""
+    for key, value in scores.items():
+        if (key.endswith("accuracy") or key.endswith("f1")) and not 0.0 <= value <= 1.0:
+            return f"{key}={value} outside [0, 1]"
+        if key == "num_examples" and not (value >= 0 and value == int(value)):
+            return f"num_examples={value}"
+        if key == "loss" and not (math.isfinite(value) and value >= 0):
+            return f"loss={value}"
+    return None

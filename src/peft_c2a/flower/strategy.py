@@ -167,9 +167,10 @@ class FederatedStrategy(ServerBacked, Strategy):
                 reports[name] = ClientReport(name, "failed", bytes_down=down, error=error)
         ordered = [reports[name] for name in sampled]  # the trainer's summation order: sampled order
         accumulator = UpdateAccumulator(self.global_state)
+        weights = self.server.client_weights({name: self.client_examples[name] for name in sampled})
         for report in ordered:
             if report.ok:
-                accumulator.add(updates[report.client], report.num_examples)
+                accumulator.add(updates[report.client], weights[report.client])
         self._round_record = self.server.finish_round(server_round, sampled, ordered, accumulator)
         self._round_record["train_time"] = time.time() - self._round_start
         for report in ordered:
@@ -384,6 +385,11 @@ class FederatedStrategy(ServerBacked, Strategy):
             ):
                 if name in nodes:
                     raise ValueError(f"Client {name!r} is held by two nodes ({nodes[name]} and {node}).")
+                if count < 1:
+                    raise ValueError(
+                        f"Node {node} announces {count} training examples for client {name!r}; a client needs at "
+                        "least one (its count weighs its update)."
+                    )
                 nodes[name], examples[name] = node, int(count)
                 if can_evaluate:
                     evaluable.append(name)

@@ -1,0 +1,74 @@
+"""The server's bounds on what it applies: settings that would poison the global state, a non-finite aggregate, and
+how much one client can weigh (`client_weighting`, `max_client_weight`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_c2a.federated import FederatedTrainingArguments, FederationServer, UpdateAccumulator
+from peft_c2a.federated.server import ClientReport
+
+from ..federated_utils import fed_args
+from .test_federated_trainer import assert_states_close, build, make_clients, weighted_mean
+
+
+@pytest.mark.parametrize(
+    "setting, pattern",
+    [
+        (dict(server_learning_rate=float("inf")), "server_learning_rate` must be finite"),
+        (dict(learning_rate=float("nan")), "learning_rate` must be finite"),
+        (dict(aggregation="fedadam", server_tau=float("inf")), "server_tau` must be finite"),
+        (dict(aggregation="fedprox", proximal_mu=float("inf")), "proximal_mu` must be finite"),
+        (dict(client_weighting="by-loss"), "client_weighting"),
+        (dict(max_client_weight=0.0), "max_client_weight"),
+        (dict(max_client_weight=1.5), "max_client_weight"),
+    ],
+)
+def test_nonsensical_settings_raise_at_construction(tmp_path, setting, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        FederatedTrainingArguments(output_dir=str(tmp_path), **setting)
+
+
+def test_a_non_finite_aggregate_is_never_applied(tmp_path):
+    args = FederatedTrainingArguments(output_dir=str(tmp_path), server_learning_rate=1e308)
+    state = {"w": torch.ones(3, dtype=torch.float64)}
+    server = FederationServer(args, state)
+    server.set_roster(["a"], [], where="here")
+    accumulator = UpdateAccumulator(state)
+    accumulator.add({"w": torch.full((3,), 1e300, dtype=torch.float64)}, 1.0)
+    report = ClientReport("a", "ok", num_examples=1, train_loss=0.5, local_steps=1)
+    with pytest.raises(RuntimeError, match="not finite.*not applied"):
+        server.finish_round(1, ["a"], [report], accumulator)
+    assert torch.equal(server.global_state["w"], torch.ones(3, dtype=torch.float64))
+
+
+def test_client_weights_follow_the_weighting_and_respect_the_cap(tmp_path):
+    counts = {"a": 1000, "b": 10, "c": 30, "d": 60}
+
+    def weights(**settings):
+        return FederationServer(fed_args(tmp_path, **settings), {}).client_weights(counts)
+
+    assert weights() == {name: float(count) for name, count in counts.items()}
+    assert weights(client_weighting="equal") == dict.fromkeys(counts, 1.0)
+    capped = weights(max_client_weight=0.4)
+    assert sum(capped.values()) == pytest.approx(1.0)
+    assert capped["a"] == pytest.approx(0.4)
+    # the rest keep their proportions: 10 : 30 : 60
+    assert (
+        capped["b"] == pytest.approx(0.06) and capped["c"] == pytest.approx(0.18) and capped["d"] == pytest.approx(0.36)
+    )
+    assert max(weights(max_client_weight=0.1).values()) == pytest.approx(0.25)  # a cap below 1/n: equal shares
+
+
+@pytest.mark.parametrize("setting", [dict(client_weighting="equal"), dict(max_client_weight=0.4)])
+def test_the_trainer_averages_with_the_server_weights(tmp_path, setting):
+    sizes = {"client-a": 5, "client-b": 11, "client-c": 20}
+    clients, _ = make_clients(sizes)
+    local = build(tmp_path / "local", clients, federation_mode="local")
+    local.train()
+    federated = build(tmp_path / "federated", clients, **setting)
+    federated.train()
+    expected_weights = federated.server.client_weights(sizes)
+    assert expected_weights != {name: float(size) for name, size in sizes.items()}
+    assert_states_close(federated.global_state, weighted_mean(local.client_states, expected_weights), atol=1e-6)

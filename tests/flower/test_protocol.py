@@ -1,0 +1,89 @@
+"""The Flower wire protocol: every message survives an encode / decode round trip, and what a node may not claim
+(impossible scores, unusable example counts) is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from peft_c2a.federated.server import ClientReport
+from peft_c2a.flower import FederatedStrategy
+from peft_c2a.flower.protocol import (
+    OWN_PASS,
+    UNIFORM_PASS,
+    Instruction,
+    NodeDescription,
+    decode_evaluate,
+    decode_evaluate_reply,
+    decode_query_reply,
+    decode_train,
+    decode_train_reply,
+    encode_evaluate,
+    encode_evaluate_reply,
+    encode_query_reply,
+    encode_train,
+    encode_train_reply,
+    state_to_record,
+)
+
+from ..federated_utils import fed_args, tiny_model
+from ..flower_utils import federation_settings
+
+
+def test_messages_round_trip():
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    description = NodeDescription(["a", "b"], [3, 4], [True, False], 7)
+    assert decode_query_reply(encode_query_reply(description)) == description
+
+    instruction = Instruction(3, 7, "fedprox", 0.01, ["a"], [4], {"note": "x"})
+    decoded_state, decoded = decode_train(encode_train(state_to_record(state), instruction))
+    assert torch.equal(decoded_state["w"], state["w"]) and decoded == instruction
+    instruction = Instruction(3, 7, "fedavg", None, ["a", "b"], [0, 1])
+    assert decode_evaluate(encode_evaluate(state_to_record(state), instruction))[1] == instruction
+
+    report = ClientReport("a", "ok", bytes_down=24, num_examples=3, train_loss=0.5, local_steps=2)
+    decoded_report, update = decode_train_reply(encode_train_reply(report, state), bytes_down=24)
+    assert torch.equal(update["w"], state["w"])
+    assert decoded_report == ClientReport("a", "ok", 24, 24, 3, 0.5, 2, None)
+    failed, none = decode_train_reply(encode_train_reply(ClientReport("a", "failed", error="boom"), None), 24)
+    assert (failed.status, failed.error, none) == ("failed", "boom", None)
+
+
+def test_impossible_evaluation_scores_are_refused():
+    good = {"accuracy": 0.5, "loss": 0.7, "num_examples": 4.0}
+    reply = encode_evaluate_reply(
+        {
+            (OWN_PASS, "a"): good,
+            (UNIFORM_PASS, "a"): good,
+            (OWN_PASS, "b"): {**good, "accuracy": 5.0},
+            (UNIFORM_PASS, "b"): good,
+            (OWN_PASS, "c"): {**good, "num_examples": -3.0},
+            (OWN_PASS, "d"): {**good, "loss": float("nan")},
+            (OWN_PASS, "stranger"): good,
+        },
+        {},
+    )
+    scores, failed = decode_evaluate_reply(reply, addressed=["a", "b", "c", "d"], node=9)
+    assert scores[OWN_PASS] == {"a": good} and scores[UNIFORM_PASS] == {"a": good}
+    assert sorted(failed) == ["b", "c", "d"] and "accuracy=5.0" in failed["b"]
+
+
+def test_malformed_train_replies_are_the_nodes_failure():
+    content = RecordDict(
+        {
+            "arrays": state_to_record({"w": torch.zeros(2)}),
+            "metrics": MetricRecord({"num-examples": 3}),  # no loss, no steps
+            "config": ConfigRecord({"client": "a", "status": "ok", "error": ""}),
+        }
+    )
+    report, update = decode_train_reply(content, bytes_down=8)
+    assert report.status == "rejected" and "malformed" in report.error and update is None
+
+
+@pytest.mark.parametrize("count", [0, -23])
+def test_a_node_announcing_no_examples_is_refused(tmp_path, count):
+    strategy = FederatedStrategy(tiny_model("c2a"), fed_args(tmp_path, **federation_settings()))
+    description = {"names": ["a", "b"], "num-examples": [5, count], "evaluable": [True, True], "seed": 0}
+    with pytest.raises(ValueError, match=f"announces {count} training examples"):
+        strategy.register_clients({1: description})
