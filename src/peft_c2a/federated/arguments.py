@@ -83,6 +83,9 @@ class FederatedTrainingArguments(TrainingArguments):
         client_weighting (`str`, defaults to `"examples"`):
             Weight of a client's update in the round's mean: `"examples"` (its number of training examples, FedAvg)
             or `"equal"` (every usable update counts the same).
+        overwrite_output_dir (`bool`, defaults to `False`):
+            Start a fresh run in an `output_dir` that holds another run's `round-*` checkpoints by deleting them first.
+            Without it such a start raises: resume the old run (`resume_from_checkpoint=True`) or choose this.
         max_client_weight (`float`, *optional*):
             A cap on any one client's share of a round's weights, as a fraction of the sampled clients' total (in
             `(0, 1]`; the excess is spread over the others in proportion to their weights). Bounds what a client
@@ -123,6 +126,12 @@ class FederatedTrainingArguments(TrainingArguments):
     client_weighting: str = field(
         default="examples",
         metadata={"help": "Weight of a client's update: its example count, or equal.", "choices": list(WEIGHTINGS)},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete another run's round checkpoints in output_dir before a fresh start (else it raises)."
+        },
     )
     max_client_weight: Optional[float] = field(
         default=None, metadata={"help": "Cap on one client's share of a round's weights (a fraction in (0, 1])."}

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "checkpoint_manifest.json"
 CHECKPOINT_PATTERN = re.compile(r"^round-(\d+)$")
-_TEMPORARY_PATTERN = re.compile(r"^\.round-\d+\.(tmp|stale)-\d+$")
+_TEMPORARY_PATTERN = re.compile(r"^\.round-(\d+)\.(tmp|stale)-\d+$")
 FORMAT_VERSION = 1
 # the files of a federated checkpoint (FederatedTrainer writes all that apply; the Flower strategy the first four)
 TRAINABLE_STATE_FILE = "trainable_state.safetensors"
@@ -157,21 +157,73 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete half-written `.round-*.tmp-*` / `.round-*.stale-*` folders left by crashed runs; return what went."""
+    """Clean up after a crashed run: recover, then delete, the `.round-*.tmp-*` / `.round-*.stale-*` folders it left.
+
+    A crash between the two renames of a rewrite (`round-k` moved aside as `.stale-`, the new copy not yet in place)
+    leaves no `round-k/` but complete copies in hidden folders: the newest complete one (the new copy, else the old)
+    is moved back to `round-k/`. Everything else is deleted: half-written folders, copies of rounds that exist, and
+    the unrenamed copy of a first write (that round never counted as checkpointed).
+
+    Returns the folders that went (recovered ones excluded).
+    """
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    stale = [child for child in root.iterdir() if child.is_dir() and _TEMPORARY_PATTERN.match(child.name)]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
+    temporaries: dict[int, list[Path]] = {}
+    for child in root.iterdir():
+        match = _TEMPORARY_PATTERN.match(child.name)
+        if match and child.is_dir():
+            temporaries.setdefault(int(match.group(1)), []).append(child)
+    removed = []
+    for round_index, folders in sorted(temporaries.items()):
+        final = checkpoint_dir(root, round_index)
+        rewritten = any(".stale-" in folder.name for folder in folders)
+        if rewritten and not final.exists():
+            # the new copy (".tmp-") before the old one (".stale-"); only a copy that verifies is put back
+            for folder in sorted(folders, key=lambda path: ".tmp-" not in path.name):
+                if _is_complete(folder):
+                    os.replace(folder, final)
+                    folders.remove(folder)
+                    break
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, keep: Optional[int]) -> None:
-    """Delete all but the `keep` newest checkpoints (`None` or <= 0 keeps all)."""
+def _is_complete(folder: Path) -> bool:
+    try:
+        read_checkpoint(folder)
+    except CheckpointError:
+        return False
+    return True
+
+
+def checkpoint_run_id(path: str | os.PathLike) -> Optional[str]:
+    """The run a checkpoint belongs to (`run_id` in its `federation_state.json`), or `None` (unknown, unreadable)."""
+    try:
+        return json.loads((Path(path) / FEDERATION_STATE_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prune_checkpoints(
+    output_dir: str | os.PathLike, keep: Optional[int], run_id: Optional[str] = None, up_to_round: Optional[int] = None
+) -> None:
+    """Delete all but the `keep` newest checkpoints (`None` or <= 0 keeps all).
+
+    With `run_id`, only that run's checkpoints are counted and deleted (another run's are never touched); with
+    `up_to_round`, only those up to that round (a run resumed from an earlier round keeps the later ones it has not
+    rewritten yet).
+    """
     if not keep or keep <= 0:
         return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
+    found = list_checkpoints(output_dir)
+    if up_to_round is not None:
+        found = [(index, path) for index, path in found if index <= up_to_round]
+    if run_id is not None:
+        found = [(index, path) for index, path in found if checkpoint_run_id(path) == run_id]
+    for _, path in found[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ from .checkpoint import (
     TRAINABLE_STATE_FILE,
     CheckpointError,
     latest_checkpoint,
+    list_checkpoints,
     prune_checkpoints,
     read_checkpoint,
     remove_stale_temporaries,
@@ -124,12 +127,15 @@ class FederationServer:
         self.history: list[dict[str, Any]] = []
         self.training_clients: list[str] = []
         self.unseen_clients: list[str] = []
+        # which run the checkpoints this server writes (and may prune) belong to; a resumed run keeps its own
+        self.run_id = uuid.uuid4().hex
 
     def reset(self, global_state: Mapping[str, torch.Tensor]) -> None:
         """Start a run afresh from `global_state`: a new server optimizer, an empty history."""
         self.global_state = dict(global_state)
         self.server_optimizer = make_server_optimizer(self.args)
         self.history = []
+        self.run_id = uuid.uuid4().hex
 
     # ---- the roster ----------------------------------------------------------------------------------------------
 
@@ -263,12 +269,32 @@ class FederationServer:
 
     def checkpoint_to_resume(self, resume_from_checkpoint: Union[str, bool, None]) -> Optional[Path]:
         """The checkpoint `resume_from_checkpoint` names (`True` / `"true"`: the newest in `output_dir`), or `None`
-        for a fresh start. Half-written checkpoints of an interrupted run are removed first. Raises
-        `CheckpointError` when resuming is asked for and there is nothing to resume from."""
+        for a fresh start.
+
+        Folders an interrupted run left are recovered or removed first (`remove_stale_temporaries`). Raises
+        `CheckpointError` when resuming is asked for and there is nothing to resume from, and when a fresh start
+        finds another run's checkpoints in `output_dir` (its pruning would delete the new run's checkpoints and a
+        later resume would continue the old run) unless `overwrite_output_dir` deletes them.
+        """
+        output_dir = self.args.output_dir
         if self.is_writer:
-            for stale in remove_stale_temporaries(self.args.output_dir):
+            for stale in remove_stale_temporaries(output_dir):
                 self.log.warning("Removed %s, a checkpoint left half-written by an interrupted run.", stale)
         if resume_from_checkpoint in (None, False, "", "false", "False"):
+            existing = list_checkpoints(output_dir)
+            if existing and not self.args.overwrite_output_dir:
+                names = ", ".join(path.name for _, path in existing)
+                raise CheckpointError(
+                    f"{output_dir} holds the checkpoints of another run ({names}). Continue that run with "
+                    "`resume_from_checkpoint=True`, or start afresh with `overwrite_output_dir=True`, which deletes "
+                    "them (or choose another `output_dir`)."
+                )
+            if existing and self.is_writer:
+                for _, path in existing:
+                    shutil.rmtree(path)
+                self.log.warning(
+                    "Deleted %d checkpoints of an earlier run in %s (overwrite_output_dir).", len(existing), output_dir
+                )
             return None
         if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
             path = latest_checkpoint(self.args.output_dir)
@@ -295,10 +321,18 @@ class FederationServer:
         args = self.args
         tensors = {TRAINABLE_STATE_FILE: self.global_state, SERVER_STATE_FILE: self.server_optimizer.state_dict()}
         tensors.update(extra_tensors or {})
-        meta = {"round": round_index, "num_rounds": args.num_rounds, **self.identity(), **(extra_meta or {})}
+        meta = {
+            "round": round_index,
+            "num_rounds": args.num_rounds,
+            "run_id": self.run_id,
+            **self.identity(),
+            **(extra_meta or {}),
+        }
         documents = {FEDERATION_STATE_FILE: meta, HISTORY_FILE: self.history}
         path = write_checkpoint(args.output_dir, round_index, tensors, documents, write_extra)
-        prune_checkpoints(args.output_dir, args.save_total_limit)
+        # only this run's checkpoints, up to this round: a run resumed from an earlier round keeps its later ones
+        # until it rewrites them
+        prune_checkpoints(args.output_dir, args.save_total_limit, run_id=self.run_id, up_to_round=round_index)
         self.log.info("Saved the round-%d checkpoint to %s.", round_index, path)
         return path
 
@@ -351,6 +385,7 @@ class FederationServer:
         self.global_state = checkpoint.global_state
         self.server_optimizer = checkpoint.server_optimizer
         self.history = list(checkpoint.history)
+        self.run_id = checkpoint.meta.get("run_id") or self.run_id
         self.log.info("Resuming the federation after round %d from %s.", checkpoint.round_index, checkpoint.path)
         return checkpoint.round_index
 
