@@ -444,10 +444,37 @@ def test_checkpoint_of_other_clients_is_rejected(run_dir):
 
 @pytest.mark.parametrize(
     "overrides, field",
-    [({"aggregation": "fedavg"}, "aggregation"), ({"federation_mode": "local"}, "federation_mode")],
+    [
+        ({"aggregation": "fedavg"}, "aggregation"),
+        ({"federation_mode": "local"}, "federation_mode"),
+        ({"learning_rate": 3e-2}, "local_training.learning_rate"),
+        ({"local_max_steps": 3}, "local_training.local_epochs"),
+        ({"lr_scheduler_type": "cosine"}, "local_training.lr_scheduler_type"),
+        ({"server_learning_rate": 0.5}, "server_settings.server_learning_rate"),
+        ({"max_client_weight": 0.5}, "server_settings.max_client_weight"),
+    ],
 )
 def test_checkpoint_of_other_settings_is_rejected(run_dir, overrides, field):
     assert_rejected(make(run_dir, **overrides), True, f"{field}=")
+
+
+def test_checkpoint_of_an_adapter_of_the_same_shape_but_other_settings_is_rejected(run_dir):
+    """Same tensor names and shapes, another adapter: the shapes alone cannot tell, the recorded config does."""
+    model = tiny_model("c2a", adapter_activation="gelu")
+    assert_rejected(make(run_dir, model=model), True, "adapter.adapter_activation='relu'.*'gelu'")
+
+
+def test_checkpoint_of_other_client_data_under_the_same_names_is_rejected(run_dir):
+    train, evals = skewed_clients(6, size=16, eval_size=8)
+    train = dict(train)
+    train["client-2"] = skewed_clients(6, size=16, eval_size=8, seed=5)[0]["client-2"]  # same size, other examples
+    assert_rejected(make(run_dir, clients=(train, evals)), True, "client_data.client-2")
+
+
+def test_only_num_rounds_may_change_on_resume(run_dir):
+    resumed = make(run_dir, num_rounds=3)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.rounds_run == [3]
 
 
 @pytest.mark.parametrize("config", [{"bottleneck_dim": 8}, {"bottleneck_dim": 4, "hyper_latent_dim": 16}])

@@ -12,6 +12,8 @@ nonsense), so they raise a `ValueError` that names the client.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -224,3 +226,22 @@ class DescriptorCollator:
         if self.client_id is not None and "client_ids" not in batch:
             batch["client_ids"] = torch.full((size,), self.client_id, dtype=torch.long)
         return batch
+
+
+def data_fingerprint(client: ClientData) -> dict[str, Any]:
+    """What identifies a client's training data for a resume: its size, label counts and a SHA-256 of its content
+    (every column, in order). A resumed run whose client holds other data under the same name must not continue."""
+    digest = hashlib.sha256()
+    for batch in client.dataset.iter(batch_size=1024):
+        digest.update(json.dumps(batch, sort_keys=True, default=_as_json).encode())
+    return {
+        "examples": client.num_examples,
+        "label_counts": None if client.label_counts is None else [int(count) for count in client.label_counts],
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _as_json(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

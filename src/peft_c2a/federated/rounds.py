@@ -6,8 +6,9 @@ tensors), how a state is loaded into a model, which clients a round draws, and w
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -108,3 +109,26 @@ def screen_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, to
     if bad:
         return f"non-finite update in {bad[:3]}"
     return None
+
+
+# fields of a PEFT config that do not change what is trained (where the base model was loaded from, how it is served)
+_VOLATILE_CONFIG_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
+
+
+def adapter_fingerprint(model: nn.Module) -> Optional[dict[str, Any]]:
+    """The active PEFT adapter's config as plain JSON (sets sorted), without fields that do not change training;
+    `None` for a model that is not a `PeftModel`. A checkpoint must match it to continue a run."""
+    configs = getattr(model, "peft_config", None)
+    name = getattr(model, "active_adapter", None)
+    if not isinstance(configs, Mapping) or name not in configs:
+        return None
+    config = {key: value for key, value in configs[name].to_dict().items() if key not in _VOLATILE_CONFIG_FIELDS}
+    return json.loads(json.dumps(config, sort_keys=True, default=_json_value))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if hasattr(value, "value"):  # enums (PeftType, TaskType)
+        return value.value
+    return str(value)

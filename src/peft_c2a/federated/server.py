@@ -129,6 +129,9 @@ class FederationServer:
         self.unseen_clients: list[str] = []
         # which run the checkpoints this server writes (and may prune) belong to; a resumed run keeps its own
         self.run_id = uuid.uuid4().hex
+        # what else a checkpoint must match to continue this run, set by the engine (local training settings, the
+        # adapter's config, each client's data): `identity()` adds it
+        self.engine_identity: dict[str, Any] = {}
 
     def reset(self, global_state: Mapping[str, torch.Tensor]) -> None:
         """Start a run afresh from `global_state`: a new server optimizer, an empty history."""
@@ -254,9 +257,21 @@ class FederationServer:
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        """What must be the same for a checkpoint to continue this run: which clients train when, and how."""
+        """What must be the same for a checkpoint to continue this run: which clients train when, how the server
+        aggregates, and what the engine adds (`engine_identity`). Only `num_rounds` may change."""
         args = self.args
         identity = {"engine": self.engine} if self.engine else {}
+        server_settings: dict[str, Any] = {
+            "server_learning_rate": args.effective_server_learning_rate,
+            "client_weighting": args.client_weighting,
+            "max_client_weight": args.max_client_weight,
+        }
+        if args.aggregation == "fedprox":
+            server_settings["proximal_mu"] = args.proximal_mu
+        if args.aggregation in ("fedadam", "fedyogi"):
+            server_settings.update(
+                server_beta1=args.server_beta1, server_beta2=args.server_beta2, server_tau=args.server_tau
+            )
         return identity | {
             "federation_mode": args.federation_mode,
             "aggregation": args.aggregation,
@@ -265,6 +280,8 @@ class FederationServer:
             "seed": args.seed,
             "client_sampling_seed": args.effective_client_sampling_seed,
             "clients_per_round": args.num_sampled_clients(len(self.training_clients)),
+            "server_settings": server_settings,
+            **self.engine_identity,
         }
 
     def checkpoint_to_resume(self, resume_from_checkpoint: Union[str, bool, None]) -> Optional[Path]:
@@ -353,9 +370,17 @@ class FederationServer:
                 f"Checkpoint {path} lacks {error.args[0]}: it is not a federated checkpoint."
             ) from error
         for key, value in self.identity().items():
-            if meta.get(key) != value:
+            if key not in meta and key in UNRECORDED_BEFORE_RUN_IDS:
+                self.log.warning(
+                    "Checkpoint %s does not record %s (an older version wrote it); not compared.", path, key
+                )
+                continue
+            difference = _first_difference(key, meta.get(key), value)
+            if difference is not None:
+                field_name, written, current = difference
+                fit = " does not fit this model: it" if key == "adapter" else ""
                 raise CheckpointError(
-                    f"Checkpoint {path} was written with {key}={meta.get(key)!r}, but this run has {value!r}."
+                    f"Checkpoint {path}{fit} was written with {field_name}={written!r}, but this run has {current!r}."
                 )
         round_index = int(meta["round"])
         if round_index > self.args.num_rounds:
@@ -428,6 +453,22 @@ class ServerBacked:
     def history(self) -> list[dict[str, Any]]:
         """One record per finished round (also in `output_dir/history.json`)."""
         return self.server.history
+
+
+# identity entries that checkpoints written before run ids were recorded lack; such checkpoints still resume
+UNRECORDED_BEFORE_RUN_IDS = ("server_settings", "local_training", "adapter", "client_data", "client_examples")
+
+
+def _first_difference(name: str, written: Any, current: Any) -> Optional[tuple[str, Any, Any]]:
+    """The first field (dotted into dicts) where a checkpoint's record and the current run differ, or `None`."""
+    if written == current:
+        return None
+    if isinstance(written, dict) and isinstance(current, dict):
+        for key in sorted(set(written) | set(current), key=str):
+            inner = _first_difference(f"{name}.{key}", written.get(key), current.get(key))
+            if inner is not None:
+                return inner
+    return name, written, current
 
 
 def round_record(round_index: int, sampled: Sequence[str], reports: Sequence[ClientReport]) -> dict[str, Any]:

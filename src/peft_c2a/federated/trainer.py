@@ -56,13 +56,20 @@ from .checkpoint import (
 from .clients import (
     ClientData,
     build_clients,
+    data_fingerprint,
     descriptor_spec,
     expected_num_labels,
 )
 from .evaluation import FederatedEvaluation
 from .local_training import POOLED_CLIENT, LocalTraining, unwrap_optimizer
 from .metrics import loggable_items, scalar_items
-from .rounds import load_trainable_state, private_parameter_names, trainable_parameters, trainable_state
+from .rounds import (
+    adapter_fingerprint,
+    load_trainable_state,
+    private_parameter_names,
+    trainable_parameters,
+    trainable_state,
+)
 from .server import ClientReport, FederationServer, ServerBacked
 
 logger = logging.getLogger(__name__)
@@ -210,6 +217,7 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
             self.server.check_sampling()
         start_time = time.time()
         self.server.reset({k: v for k, v in self.get_trainable_state().items() if k not in self.private_keys})
+        self.server.engine_identity = self._run_fingerprint()
         self.client_states = {}
         self.client_private_states = {}
         first_round = 1
@@ -237,6 +245,29 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
         metrics = scalar_items(self.history[-1]) if self.history else {}
         metrics["train_runtime"] = time.time() - start_time
         return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else math.nan, metrics)
+
+    def _run_fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must also match to continue this run: the local training settings, the adapter's
+        config and every client's data (size, label counts, content hash)."""
+        args = self.args
+        local = {
+            "learning_rate": args.learning_rate,
+            "local_max_steps": args.local_max_steps,
+            "local_epochs": args.local_epochs if args.local_max_steps <= 0 else None,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps,
+            "weight_decay": args.weight_decay,
+            "optim": str(getattr(args.optim, "value", args.optim)),
+            "max_grad_norm": args.max_grad_norm,
+            "reset_optimizer_each_round": args.reset_optimizer_each_round,
+        }
+        return {
+            "local_training": local,
+            "adapter": adapter_fingerprint(self.model),
+            "client_data": {name: data_fingerprint(self.clients[name]) for name in sorted(self.clients)},
+        }
 
     def sample_clients(self, round_index: int) -> list[str]:
         """The clients that train in `round_index` (deterministic in the sampling seed and the round)."""

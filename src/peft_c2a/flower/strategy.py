@@ -32,7 +32,13 @@ from ..federated.aggregation import UpdateAccumulator, state_nbytes
 from ..federated.arguments import FederatedTrainingArguments
 from ..federated.clients import descriptor_spec
 from ..federated.metrics import evaluation_summary, scalar_items
-from ..federated.rounds import load_trainable_state, private_parameter_names, screen_update, shared_trainable_state
+from ..federated.rounds import (
+    adapter_fingerprint,
+    load_trainable_state,
+    private_parameter_names,
+    screen_update,
+    shared_trainable_state,
+)
 from ..federated.server import ClientReport, FederationServer, ServerBacked
 from .protocol import (
     OWN_PASS,
@@ -401,6 +407,11 @@ class FederatedStrategy(ServerBacked, Strategy):
             )
         self.server.set_roster(nodes, self.unseen_clients, where="that no node holds")
         self.server.check_sampling()
+        # what a checkpoint must also match: the adapter, and the clients' example counts (their data stays put)
+        self.server.engine_identity = {
+            "adapter": adapter_fingerprint(self.model),
+            "client_examples": dict(sorted(examples.items())),
+        }
         self.client_nodes, self.client_examples = nodes, examples
         self.evaluable_clients = sorted(evaluable)
         # FederatedTrainer numbers clients by sorted name over all of them, unseen included
