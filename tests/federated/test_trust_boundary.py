@@ -3,6 +3,8 @@ how much one client can weigh (`client_weighting`, `max_client_weight`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +74,30 @@ def test_the_trainer_averages_with_the_server_weights(tmp_path, setting):
     expected_weights = federated.server.client_weights(sizes)
     assert expected_weights != {name: float(size) for name, size in sizes.items()}
     assert_states_close(federated.global_state, weighted_mean(local.client_states, expected_weights), atol=1e-6)
+
+
+def test_push_to_hub_uploads_the_adapter_and_nothing_about_the_clients(tmp_path, monkeypatch):
+    import transformers.trainer as hf_trainer
+
+    clients, evals = make_clients({"client-a": 6, "client-b": 8}, eval_size=4)
+    trainer = build(tmp_path, clients, evals, num_rounds=2, save_every_rounds=1)
+    trainer.train()
+    (tmp_path / "label_heatmap.png").write_bytes(b"each client's label counts")
+    uploaded = {}
+
+    class Hub:
+        def upload_folder(self, folder_path, **kwargs):
+            uploaded["files"] = sorted(
+                str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file()
+            )
+            uploaded["repo_id"] = kwargs["repo_id"]
+
+    monkeypatch.setattr(hf_trainer, "hf_api", Hub)
+    trainer.hub_model_id = "someone/c2a-bbc"
+    trainer.push_to_hub()
+    assert uploaded["repo_id"] == "someone/c2a-bbc"
+    files = uploaded["files"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_args.json", "README.md"} <= set(files)
+    assert not [f for f in files if f.startswith("round-") or "history" in f or "heatmap" in f], files
+    assert (tmp_path / "round-2").is_dir() and (tmp_path / "history.json").is_file()  # the local run is untouched
+    assert trainer.args.output_dir == str(tmp_path)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -73,6 +74,9 @@ from .rounds import (
 from .server import ClientReport, FederationServer, ServerBacked
 
 logger = logging.getLogger(__name__)
+
+# where `push_to_hub` stages the files it uploads (the leading underscore keeps the Trainer's own pushes off it)
+SHAREABLE_DIR = "_shareable"
 
 
 TensorDict = dict[str, torch.Tensor]
@@ -335,6 +339,28 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
                 part = part.add_column("client_ids", [client.client_id] * len(part))
             parts.append(part)
         return concatenate_datasets(parts)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.push_to_hub`, uploading only what is meant to be shared: the final (global) adapter, the
+        tokenizer, `training_args.json` and the model card.
+
+        The plain Trainer uploads the whole `output_dir`, which here holds every `round-*/` checkpoint (RNG states,
+        client lists, per-client histories and states) and the example's label heatmap: each client's label
+        distribution, which C2A keeps on the client. This one stages the shareable files in
+        `output_dir/_shareable/` and uploads that folder.
+        """
+        original = self.args.output_dir
+        kwargs.setdefault("model_name", Path(original).name if self.args.hub_model_id is None else None)
+        if kwargs["model_name"] is None:
+            kwargs.pop("model_name")
+        staging = Path(original) / SHAREABLE_DIR
+        if self.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
+        self.args.output_dir = str(staging)
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        finally:
+            self.args.output_dir = original
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """`Trainer.save_model`'s writer, with the arguments saved as JSON instead of a pickled `training_args.bin`
