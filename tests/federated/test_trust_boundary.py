@@ -101,3 +101,16 @@ def test_push_to_hub_uploads_the_adapter_and_nothing_about_the_clients(tmp_path,
     assert not [f for f in files if f.startswith("round-") or "history" in f or "heatmap" in f], files
     assert (tmp_path / "round-2").is_dir() and (tmp_path / "history.json").is_file()  # the local run is untouched
     assert trainer.args.output_dir == str(tmp_path)
+
+
+def test_permanent_input_errors_raise_before_training_instead_of_dropping_the_client_every_round(tmp_path):
+    clients, _ = make_clients({"c0": 4, "c1": 4})
+    unlabelled = {**clients, "c1": clients["c1"].remove_columns("labels")}
+    with pytest.raises(ValueError, match="'c1'.*no label column"):
+        build(tmp_path, unlabelled, method="bottleneck")
+    ragged = clients["c0"].add_column("label_distribution", [[1 / 3] * 3, [0.5, 0.5], [1 / 3] * 3, [1 / 3] * 3])
+    with pytest.raises(ValueError, match="'c0'.*3 entries.*row 1"):
+        build(tmp_path, {**clients, "c0": ragged})
+    negative = clients["c0"].add_column("label_distribution", [[1 / 3] * 3] * 3 + [[1.0, -1.0, 1.0]])
+    with pytest.raises(ValueError, match="'c0'.*row 3.*non-negative"):
+        build(tmp_path, {**clients, "c0": negative})

@@ -140,6 +140,13 @@ def build_clients(
         for split, data in (("training", dataset), ("evaluation", client.eval_dataset)):
             if data is not None:
                 _check_descriptor_columns(name, split, data, spec)
+                if num_labels is not None and label_column(data) is None:
+                    # a classifier computes its loss and scores from labels: without them the client would fail
+                    # (training) or be scored on nothing (evaluation) every round
+                    raise ValueError(
+                        f"Client {name!r}: its {split} data has no label column ({' / '.join(LABEL_COLUMNS)}), which "
+                        f"a classifier with {num_labels} labels needs."
+                    )
                 counts = _label_counts(name, split, data, num_labels)
                 if split == "training":
                     client.label_counts = counts
@@ -187,12 +194,25 @@ def _check_descriptor_columns(name: str, split: str, dataset: Any, spec: Optiona
                 f"Client {name!r}: its {split} data has a `label_distribution` column, but the model is not a C2A "
                 "model with a label term; drop the column."
             )
-        first = np.asarray(dataset[0]["label_distribution"])
-        if first.shape != (width,):
-            raise ValueError(
-                f"Client {name!r}: `label_distribution` rows must have {width} entries to match the C2A adapter's "
-                f"`num_labels`, got shape {first.shape}."
-            )
+        # every row, once, here: a bad row found during training would drop the client every round instead
+        for row_index, row in enumerate(dataset["label_distribution"]):
+            values = np.asarray(row, dtype=object)
+            if values.shape != (width,):
+                raise ValueError(
+                    f"Client {name!r}: `label_distribution` rows must have {width} entries to match the C2A adapter's "
+                    f"`num_labels`, got shape {values.shape} in {split} row {row_index}."
+                )
+            try:
+                numbers = values.astype(np.float64)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"Client {name!r}: {split} row {row_index} of `label_distribution`: {error}"
+                ) from error
+            if not np.isfinite(numbers).all() or (numbers < 0).any() or numbers.sum() <= 0:
+                raise ValueError(
+                    f"Client {name!r}: {split} row {row_index} of `label_distribution` must hold finite, non-negative "
+                    f"counts or probabilities with a positive sum, got {numbers.tolist()}."
+                )
 
 
 class DescriptorCollator:
