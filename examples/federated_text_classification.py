@@ -92,7 +92,12 @@ class ScriptArguments(AdapterArguments):
 
 
 def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
-    """A `DatasetDict` with `train` and `test` splits, columns `text` and an integer `label`."""
+    """A `DatasetDict` with `train` and `test` splits, the text column and a `ClassLabel` label column.
+
+    Integer labels keep their values (class `k` is id `k` when the ids are 0..K-1, else ids follow the numeric
+    order); string labels get ids in sorted order, and the names are kept. Rows with an empty text are dropped (and
+    counted). Raises `ValueError` with one line naming the file and the problem.
+    """
     if script.dataset_path:
         path = Path(script.dataset_path)
         if path.is_dir():
@@ -101,7 +106,11 @@ def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
             kind = {".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix.lower())
             if kind is None:
                 raise ValueError(f"--dataset_path must be a .csv, .json, .jsonl file or a saved dataset folder: {path}")
-            data = load_dataset(kind, data_files=str(path))
+            try:
+                data = load_dataset(kind, data_files=str(path))
+            except Exception as error:  # datasets wraps the parser's error: name the file and the first cause
+                cause = error.__cause__ or error
+                raise ValueError(f"{path} cannot be read as {kind.upper()}: {str(cause).splitlines()[0]}") from error
     elif script.dataset == "bbc_news":
         data = load_bbc_news(test_size=script.test_size, seed=seed)
     else:
@@ -111,8 +120,9 @@ def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
     for column in (script.text_column, script.label_column, script.group_column):
         if column and column not in data["train"].column_names:
             raise ValueError(f"Column {column!r} not in the data; it has {data['train'].column_names}.")
+    data = _drop_empty_texts(data, script.text_column)
     if not isinstance(data["train"].features[script.label_column], ClassLabel):
-        data = data.class_encode_column(script.label_column)
+        data = _encode_labels(data, script.label_column)
     if "test" not in data:
         split = data["train"].train_test_split(
             test_size=script.test_size, seed=seed, stratify_by_column=script.label_column
@@ -121,11 +131,41 @@ def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
     return data
 
 
+def _drop_empty_texts(data: DatasetDict, column: str) -> DatasetDict:
+    """Drop rows whose text is missing or blank (a tokenizer cannot encode them), saying how many went."""
+    kept = data.filter(lambda row: isinstance(row[column], str) and row[column].strip() != "")
+    dropped = {split: len(data[split]) - len(kept[split]) for split in data}
+    if any(dropped.values()):
+        logging.getLogger(__name__).warning("Dropped rows with an empty %r: %s.", column, dropped)
+        print(f"dropped rows with an empty {column!r}: {dropped}")
+    if len(kept["train"]) == 0:
+        raise ValueError(f"Every training row has an empty {column!r}.")
+    return kept
+
+
+def _encode_labels(data: DatasetDict, column: str) -> DatasetDict:
+    """Labels as class ids: integers keep their numeric order (0..K-1 stay as they are), strings sort by name."""
+    values = sorted({value for split in data for value in data[split][column]}, key=lambda v: (str(type(v)), v))
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
+        names = [str(value) for value in values]
+        index = {value: position for position, value in enumerate(values)}
+        features = data["train"].features.copy()
+        features[column] = ClassLabel(names=names)
+        return data.map(lambda row: {column: index[row[column]]}, features=features)
+    return data.class_encode_column(column)
+
+
 def build_model(
-    script: ScriptArguments, num_labels: int, seed: int, num_clients: Optional[int] = None
+    script: ScriptArguments,
+    num_labels: int,
+    seed: int,
+    num_clients: Optional[int] = None,
+    label_names: Optional[list[str]] = None,
 ) -> torch.nn.Module:
     """The backbone with the chosen PEFT method (`peft_c2a.recipes.build_classifier`), seeded."""
-    return build_classifier(script.model_name_or_path or str(minilm_path()), script, num_labels, seed, num_clients)
+    return build_classifier(
+        script.model_name_or_path or str(minilm_path()), script, num_labels, seed, num_clients, label_names
+    )
 
 
 def split_clients(
@@ -175,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> FederatedTrainer:
     }
     unseen = choose_unseen_clients(names, script.unseen_client_fraction, args.seed)
 
-    model = build_model(script, num_labels, args.seed, num_clients=len(names))
+    model = build_model(script, num_labels, args.seed, num_clients=len(names), label_names=label_names)
     trainer = FederatedTrainer(
         model=model,
         args=args,
@@ -203,6 +243,9 @@ def main(argv: Optional[list[str]] = None) -> FederatedTrainer:
         resume = resume.lower() == "true"
     trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():  # the class names beside the adapter, for pipelines (id2label / label2id)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.config.save_pretrained(args.output_dir)
     if trainer.is_world_process_zero():
         print_summary(trainer, counts, names, label_names)
     return trainer
@@ -254,4 +297,7 @@ def print_summary(trainer: FederatedTrainer, counts: np.ndarray, names: list[str
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ValueError as error:  # bad input: one line that says what to fix, not a traceback
+        sys.exit(f"error: {error}")

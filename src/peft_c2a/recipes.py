@@ -102,16 +102,26 @@ def build_classifier(
     num_labels: int,
     seed: int,
     num_clients: Optional[int] = None,
+    label_names: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """`AutoModelForSequenceClassification.from_pretrained(model_name_or_path)` with `adapter.peft_method`.
 
     Seeded: the new classification head and the adapters are initialised from `seed`, so a run is reproducible and
-    every Flower node builds the same model as the server.
+    every Flower node builds the same model as the server. `label_names` become the config's `id2label` /
+    `label2id`, so pipelines show class names.
     """
     from transformers import AutoModelForSequenceClassification, set_seed
 
     set_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(model_name_or_path, num_labels=num_labels)
+    names = {}
+    if label_names is not None:
+        if len(label_names) != num_labels:
+            raise ValueError(f"{len(label_names)} label names for {num_labels} labels.")
+        names = {
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: index for index, name in enumerate(label_names)},
+        }
+    base = AutoModelForSequenceClassification.from_pretrained(model_name_or_path, num_labels=num_labels, **names)
     return apply_adapter(base, adapter, num_labels, seed, num_clients)
 
 

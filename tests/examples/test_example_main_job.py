@@ -108,6 +108,8 @@ def test_main_job_on_a_csv_with_string_labels(script, tmp_path, method):
     record = trainer.history[-1]
     assert record["num_clients_ok"] == 2
     assert record["eval_global_num_examples"] == 60  # 20 % of the 297 rows, stratified
+    # the class names travel with the adapter (config.json's id2label), so a pipeline shows them
+    assert list(json.loads((out / "config.json").read_text())["id2label"].values()) == sorted(names)
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     if method == "head":
         assert trainable == {"classifier.weight", "classifier.bias"}
@@ -184,3 +186,31 @@ def test_every_c2a_switch_is_a_flag(script):
         7,
         8,
     )
+
+
+def test_integer_labels_keep_their_ids_and_string_labels_their_names(script, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    numeric = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [10, 2, 0, 1]})})
+    encoded = script._encode_labels(numeric, "label")
+    assert encoded["train"].features["label"].names == ["0", "1", "2", "10"]  # numeric order, not '0', '1', '10'
+    assert encoded["train"]["label"] == [3, 2, 0, 1]
+    named = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b"], "label": ["sport", "business"]})})
+    assert script._encode_labels(named, "label")["train"].features["label"].names == ["business", "sport"]
+
+
+def test_unreadable_csv_and_empty_texts_give_one_clear_line(script, tmp_path, capsys):
+    broken = tmp_path / "broken.csv"
+    broken.write_text('text,label\n"unterminated,1\nfine,0\n' + "x,1,extra,fields\n" * 3)
+    with pytest.raises(ValueError, match=r"broken\.csv cannot be read as CSV"):
+        script.main(["--output_dir", str(tmp_path / "o"), "--dataset_path", str(broken)])
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n,0\n   ,1\n")
+    with pytest.raises(ValueError, match="Every training row has an empty 'text'"):
+        script.main(["--output_dir", str(tmp_path / "o"), "--dataset_path", str(empty)])
+    some = script.ScriptArguments(dataset_path=str(tmp_path / "some.csv"))
+    rows = "".join(f"text {i},{i % 2}\n" for i in range(10))
+    (tmp_path / "some.csv").write_text("text,label\n" + rows + ",1\n")
+    data = script.load_data(some, seed=0)
+    assert len(data["train"]) + len(data["test"]) == 10
+    assert "dropped rows with an empty 'text'" in capsys.readouterr().out
