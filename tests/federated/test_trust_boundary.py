@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_c2a.federated import FederatedTrainingArguments, FederationServer, UpdateAccumulator
+from peft_c2a.federated import FederatedTrainer, FederatedTrainingArguments, FederationServer, UpdateAccumulator
 from peft_c2a.federated.server import ClientReport
 
 from ..federated_utils import fed_args
-from .test_federated_trainer import assert_states_close, build, make_clients, weighted_mean
+from .test_federated_trainer import assert_states_close, build, make_clients, norm_of_difference, weighted_mean
 
 
 @pytest.mark.parametrize(
@@ -114,3 +114,66 @@ def test_permanent_input_errors_raise_before_training_instead_of_dropping_the_cl
     negative = clients["c0"].add_column("label_distribution", [[1 / 3] * 3] * 3 + [[1.0, -1.0, 1.0]])
     with pytest.raises(ValueError, match="'c0'.*row 3.*non-negative"):
         build(tmp_path, {**clients, "c0": negative})
+
+
+def _honest_and_hostile(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    centre = torch.randn(6, generator=generator)
+    honest = [{"w": centre + 0.01 * torch.randn(6, generator=generator)} for _ in range(4)]
+    hostile = {"w": 1e6 * torch.ones(6)}
+    return honest, hostile
+
+
+def _aggregate(tmp_path, updates, **settings) -> torch.Tensor:
+    server = FederationServer(fed_args(tmp_path, **settings), {"w": torch.zeros(6)})
+    names = [f"c{i}" for i in range(len(updates))]
+    server.set_roster(names, [], where="here")
+    accumulator = server.new_accumulator()
+    for update in updates:
+        accumulator.add(server.bound_update(update), 1.0)
+    reports = [ClientReport(name, "ok", num_examples=1, train_loss=0.1, local_steps=1) for name in names]
+    server.finish_round(1, names, reports, accumulator)
+    return server.global_state["w"]
+
+
+@pytest.mark.parametrize("setting", [dict(robust_aggregation="median"), dict(robust_aggregation="trimmed_mean")])
+def test_one_poisoned_update_in_five_cannot_move_a_robust_aggregate_far(tmp_path, setting):
+    honest, hostile = _honest_and_hostile()
+    honest_mean = torch.stack([update["w"] for update in honest]).mean(dim=0)
+    spread = max(float((update["w"] - honest_mean).norm()) for update in honest)
+    poisoned = _aggregate(tmp_path, [*honest, hostile], **setting)
+    # the robust aggregate stays inside the honest clients' spread around their own mean
+    assert float((poisoned - honest_mean).norm()) <= spread
+    assert float((_aggregate(tmp_path, [*honest, hostile]) - honest_mean).norm()) > 1e4  # the plain mean does not
+
+
+def test_update_clipping_bounds_what_one_client_moves(tmp_path):
+    honest, hostile = _honest_and_hostile()
+    clean = _aggregate(tmp_path, honest, max_update_norm=1.0, client_weighting="equal")
+    poisoned = _aggregate(tmp_path, [*honest, hostile], max_update_norm=1.0, client_weighting="equal")
+    # the hostile update counts with norm <= 1 and weight 1/5; the honest ones are rescaled by 4/5
+    assert float((poisoned - clean).norm()) <= 2 * 1.0 / 5 + 1e-6
+    with pytest.raises(ValueError, match="max_update_norm"):
+        fed_args(tmp_path, max_update_norm=0.0)
+
+
+def test_the_trainer_aggregates_robustly_against_a_poisoning_client(tmp_path):
+    class Poisoning(FederatedTrainer):
+        def train_client(self, name, round_index, start_state):
+            report, update = super().train_client(name, round_index, start_state)
+            if name == "client-e" and update is not None:
+                update = {key: value * 1e6 for key, value in update.items()}
+            return report, update
+
+    sizes = dict.fromkeys(["client-a", "client-b", "client-c", "client-d", "client-e"], 8)
+    clients, _ = make_clients(sizes)
+    honest = build(tmp_path / "honest", {k: v for k, v in clients.items() if k != "client-e"}, client_weighting="equal")
+    honest.train()
+    poisoned = build(tmp_path / "poisoned", clients, cls=Poisoning, robust_aggregation="median")
+    poisoned.train()
+    plain = build(tmp_path / "plain", clients, cls=Poisoning)
+    plain.train()
+    start = build(tmp_path / "start", clients).get_trainable_state()
+    honest_move = norm_of_difference(honest.global_state, start)
+    assert norm_of_difference(poisoned.global_state, honest.global_state) <= honest_move
+    assert norm_of_difference(plain.global_state, honest.global_state) > 1e3 * honest_move

@@ -15,6 +15,7 @@ Everything here works on plain tensors: no model, no Trainer, no process group.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 
@@ -40,13 +41,15 @@ class UpdateAccumulator:
         template: a state with the names, shapes and dtypes of the updates to come (e.g. the global state).
     """
 
-    def __init__(self, template: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, template: Mapping[str, torch.Tensor], keep_updates: bool = False) -> None:
         self.names = list(template)
         self.shapes = [tuple(template[name].shape) for name in self.names]
         self.dtypes = [template[name].dtype for name in self.names]
         self.numels = [template[name].numel() for name in self.names]
         self.weighted_sum = torch.zeros(sum(self.numels), dtype=torch.float64)
         self.total_weight = 0.0
+        # the robust aggregations need every update, not their sum
+        self.updates: Optional[list[torch.Tensor]] = [] if keep_updates else None
 
     def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
         """Add `weight * update` (weight: the client's number of training examples)."""
@@ -55,12 +58,35 @@ class UpdateAccumulator:
         flat = torch.cat([update[name].detach().reshape(-1).to("cpu", torch.float64) for name in self.names])
         self.weighted_sum += weight * flat
         self.total_weight += float(weight)
+        if self.updates is not None:
+            self.updates.append(flat)
 
     def mean(self) -> TensorDict:
         """The example-weighted mean update, in the original shapes and dtypes."""
         if self.total_weight <= 0:
             raise ValueError("No client update was added, so there is no mean update.")
-        mean = self.weighted_sum / self.total_weight
+        return self._unflatten(self.weighted_sum / self.total_weight)
+
+    def robust_mean(self, method: str, trim_fraction: float = 0.2) -> TensorDict:
+        """The coordinate-wise `"median"` or `"trimmed_mean"` of the updates (unweighted: a robust statistic must not
+        let one client's claimed size decide it). Needs `keep_updates=True`."""
+        if self.updates is None:
+            raise ValueError("This accumulator keeps no updates (`keep_updates=False`).")
+        if not self.updates:
+            raise ValueError("No client update was added, so there is no mean update.")
+        stacked, _ = torch.sort(torch.stack(self.updates), dim=0)
+        count = stacked.shape[0]
+        if method == "median":
+            middle = (count - 1) // 2
+            centre = stacked[middle] if count % 2 else (stacked[middle] + stacked[middle + 1]) / 2
+        elif method == "trimmed_mean":
+            cut = int(trim_fraction * count)
+            centre = stacked[cut : count - cut].mean(dim=0)
+        else:
+            raise ValueError(f"Unknown robust aggregation {method!r}.")
+        return self._unflatten(centre)
+
+    def _unflatten(self, mean: torch.Tensor) -> TensorDict:
         out, offset = {}, 0
         for name, shape, dtype, numel in zip(self.names, self.shapes, self.dtypes, self.numels, strict=True):
             out[name] = mean[offset : offset + numel].reshape(shape).to(dtype)

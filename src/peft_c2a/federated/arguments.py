@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedyogi")
 FEDERATION_MODES = ("federated", "local", "centralized")
 WEIGHTINGS = ("examples", "equal")
+ROBUST_AGGREGATIONS = ("none", "median", "trimmed_mean")
 _DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
 
 
@@ -90,6 +91,15 @@ class FederatedTrainingArguments(TrainingArguments):
             A cap on any one client's share of a round's weights, as a fraction of the sampled clients' total (in
             `(0, 1]`; the excess is spread over the others in proportion to their weights). Bounds what a client
             with a huge (or a falsely announced) example count can do to the global state.
+        max_update_norm (`float`, *optional*):
+            Clip every client update to this L2 norm (over all its tensors) before it is averaged: one client can
+            move the global state by at most its weight times this.
+        robust_aggregation (`str`, defaults to `"none"`):
+            `"median"` (coordinate-wise median) or `"trimmed_mean"` (coordinate-wise mean without the `trim_fraction`
+            largest and smallest values) of the usable updates instead of their weighted mean; both ignore the
+            example counts and bound what a minority of poisoned updates can do. One process only.
+        trim_fraction (`float`, defaults to 0.2):
+            Share of updates dropped at each end per coordinate by `"trimmed_mean"`, in `[0, 0.5)`.
     """
 
     num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds."})
@@ -137,6 +147,18 @@ class FederatedTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Cap on one client's share of a round's weights (a fraction in (0, 1])."}
     )
 
+    max_update_norm: Optional[float] = field(
+        default=None, metadata={"help": "Clip every client update to this L2 norm before averaging."}
+    )
+    robust_aggregation: str = field(
+        default="none",
+        metadata={
+            "help": "Coordinate-wise median or trimmed mean of the updates.",
+            "choices": list(ROBUST_AGGREGATIONS),
+        },
+    )
+    trim_fraction: float = field(default=0.2, metadata={"help": "Share trimmed at each end by trimmed_mean."})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.aggregation = self.aggregation.lower()
@@ -172,6 +194,14 @@ class FederatedTrainingArguments(TrainingArguments):
             raise ValueError(f"`client_weighting` must be one of {WEIGHTINGS}, got {self.client_weighting!r}.")
         if self.max_client_weight is not None and not 0.0 < self.max_client_weight <= 1.0:
             raise ValueError(f"`max_client_weight` must lie in (0, 1], got {self.max_client_weight}.")
+        if self.max_update_norm is not None and not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
+            raise ValueError(f"`max_update_norm` must be a finite number > 0, got {self.max_update_norm}.")
+        if self.robust_aggregation not in ROBUST_AGGREGATIONS:
+            raise ValueError(
+                f"`robust_aggregation` must be one of {ROBUST_AGGREGATIONS}, got {self.robust_aggregation!r}."
+            )
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"`trim_fraction` must lie in [0, 0.5), got {self.trim_fraction}.")
 
     @property
     def effective_server_learning_rate(self) -> float:

@@ -201,7 +201,11 @@ class FederationServer:
             )
         if accumulator is not None:
             before = self.server_optimizer.state_dict()
-            new_state = self.server_optimizer.step(self.global_state, accumulator.mean())
+            robust = self.args.robust_aggregation
+            mean_update = (
+                accumulator.mean() if robust == "none" else accumulator.robust_mean(robust, self.args.trim_fraction)
+            )
+            new_state = self.server_optimizer.step(self.global_state, mean_update)
             bad = non_finite_tensors(new_state)
             if bad:
                 self.server_optimizer.load_state_dict(before)
@@ -212,6 +216,22 @@ class FederationServer:
                 )
             self.global_state = new_state
         return round_record(round_index, sampled, reports)
+
+    def new_accumulator(self) -> UpdateAccumulator:
+        """An empty accumulator for a round's updates (keeping each one when a robust aggregation needs them)."""
+        return UpdateAccumulator(self.global_state, keep_updates=self.args.robust_aggregation != "none")
+
+    def bound_update(self, update: Mapping[str, torch.Tensor]) -> TensorDict:
+        """`update` scaled down to `max_update_norm` (its L2 norm over all tensors) when it is longer; as it is
+        otherwise. Engines call this on every usable update before adding it."""
+        limit = self.args.max_update_norm
+        if limit is None:
+            return dict(update)
+        norm = math.sqrt(sum(float(tensor.double().pow(2).sum()) for tensor in update.values()))
+        if norm <= limit:
+            return dict(update)
+        scale = limit / norm
+        return {name: (tensor.double() * scale).to(tensor.dtype) for name, tensor in update.items()}
 
     def client_weights(self, example_counts: Mapping[str, int]) -> dict[str, float]:
         """Each sampled client's weight in the round's mean update, from its example count.
@@ -265,7 +285,11 @@ class FederationServer:
             "server_learning_rate": args.effective_server_learning_rate,
             "client_weighting": args.client_weighting,
             "max_client_weight": args.max_client_weight,
+            "max_update_norm": args.max_update_norm,
+            "robust_aggregation": args.robust_aggregation,
         }
+        if args.robust_aggregation == "trimmed_mean":
+            server_settings["trim_fraction"] = args.trim_fraction
         if args.aggregation == "fedprox":
             server_settings["proximal_mu"] = args.proximal_mu
         if args.aggregation in ("fedadam", "fedyogi"):

@@ -39,7 +39,6 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalPrediction, TrainOutput
 
-from .aggregation import UpdateAccumulator
 from .arguments import FederatedTrainingArguments
 from .checkpoint import (
     CLIENT_PRIVATE_FILE,
@@ -153,6 +152,8 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
         self.server.set_roster(self.clients, list(unseen_clients or []), where="missing from `client_datasets`")
         if not args.reset_optimizer_each_round and args.world_size > 1:
             raise ValueError("`reset_optimizer_each_round=False` is supported in a single process only.")
+        if args.robust_aggregation != "none" and args.world_size > 1:
+            raise ValueError("`robust_aggregation` is supported in a single process (or on Flower) only.")
         if args.federation_mode == "centralized":
             self._pooled_client = ClientData(POOLED_CLIENT, self._pool_training_clients())
         # datasets with the model's unused columns removed, made once per dataset instead of every round
@@ -285,7 +286,7 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
         sampled = self.sample_clients(round_index)
         mine = sampled[args.process_index :: args.world_size]
         local_mode = args.federation_mode == "local"
-        accumulator = UpdateAccumulator(self.global_state)
+        accumulator = self.server.new_accumulator()
         weights = self.server.client_weights({name: self._client(name).num_examples for name in sampled})
         reports: list[ClientReport] = []
         new_client_states, new_private_states = {}, {}
@@ -298,7 +299,7 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
             if local_mode:
                 new_client_states[name] = self.get_trainable_state()  # exact, unlike start + update
             else:
-                accumulator.add(update, weights[name])
+                accumulator.add(self.server.bound_update(update), weights[name])
                 if name in self.client_private_states:
                     new_private_states[name] = self.client_private_states[name]
 

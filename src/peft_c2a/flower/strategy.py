@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from peft import PeftModel
 from torch import nn
 
-from ..federated.aggregation import UpdateAccumulator, state_nbytes
+from ..federated.aggregation import state_nbytes
 from ..federated.arguments import FederatedTrainingArguments
 from ..federated.clients import descriptor_spec
 from ..federated.metrics import evaluation_summary, scalar_items
@@ -172,11 +172,11 @@ class FederatedStrategy(ServerBacked, Strategy):
                 error = errors.get(name, "no reply before the timeout")
                 reports[name] = ClientReport(name, "failed", bytes_down=down, error=error)
         ordered = [reports[name] for name in sampled]  # the trainer's summation order: sampled order
-        accumulator = UpdateAccumulator(self.global_state)
+        accumulator = self.server.new_accumulator()
         weights = self.server.client_weights({name: self.client_examples[name] for name in sampled})
         for report in ordered:
             if report.ok:
-                accumulator.add(updates[report.client], weights[report.client])
+                accumulator.add(self.server.bound_update(updates[report.client]), weights[report.client])
         self._round_record = self.server.finish_round(server_round, sampled, ordered, accumulator)
         self._round_record["train_time"] = time.time() - self._round_start
         for report in ordered:
