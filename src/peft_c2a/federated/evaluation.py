@@ -99,13 +99,29 @@ class FederatedEvaluation(Trainer):
             scores["loss"] = loss_sum / count
         if logits_all is not None and labels_all is not None:
             logits_np, labels_np = nested_numpify(logits_all), nested_numpify(labels_all)
+            label_ids = labels_np  # what `compute_metrics` gets, unshifted, beside the logits
             predictions = logits_np.argmax(-1) if logits_np.ndim == labels_np.ndim + 1 else logits_np
+            if _predicts_next_token(self.model) and predictions.ndim == 2 and predictions.shape == labels_np.shape:
+                # a causal LM's logits at position t predict token t + 1 (its loss shifts the same way)
+                predictions, labels_np = predictions[:, :-1], labels_np[:, 1:]
             if predictions.shape == labels_np.shape:
                 scores.update(classification_metrics(predictions, labels_np))
                 if client.label_counts is not None and kind in ("client", "unseen"):
                     scores["prior_only_accuracy"] = prior_only_accuracy(client.label_counts, labels_np)
             if self.compute_metrics is not None:
-                extra = self.compute_metrics(EvalPrediction(predictions=logits_np, label_ids=labels_np))
+                extra = self.compute_metrics(EvalPrediction(predictions=logits_np, label_ids=label_ids))
                 scores.update({key: float(value) for key, value in extra.items()})
         scores.setdefault("num_examples", count)
         return scores
+
+
+def _predicts_next_token(model: Any) -> bool:
+    """Whether `model` is a causal language model (a PEFT `CAUSAL_LM` task, or a `...ForCausalLM` model)."""
+    configs = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", None)
+    if isinstance(configs, dict) and active in configs:
+        task = getattr(configs[active], "task_type", None)
+        if task is not None:
+            return str(getattr(task, "value", task)) == "CAUSAL_LM"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForCausalLM") or type(base).__name__.endswith("LMHeadModel")

@@ -1,0 +1,39 @@
+"""A causal-LM federation reports next-token accuracy: logits at position t are scored against token t + 1."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from transformers import default_data_collator
+
+import peft_c2a
+from peft_c2a.federated import FederatedTrainer
+
+from ..federated_utils import fed_args
+from ..tuner.test_generation import tiny_gpt2
+
+
+def token_streams(seed: int, count: int = 6, length: int = 8) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (count, length), generator=generator)
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * length] * count, "labels": ids.tolist()}
+    )
+
+
+def test_next_token_accuracy_is_shifted(tmp_path):
+    model = get_peft_model(tiny_gpt2(), peft_c2a.BottleneckAdapterConfig(task_type="CAUSAL_LM", bottleneck_dim=4))
+    clients = {"a": token_streams(0), "b": token_streams(1)}
+    trainer = FederatedTrainer(
+        model, fed_args(tmp_path), clients, {"a": token_streams(2)}, data_collator=default_data_collator
+    )
+    scores = trainer.evaluate_client("a")
+    data = token_streams(2)
+    ids = torch.tensor(data["input_ids"])
+    with torch.no_grad():
+        predicted = model(input_ids=ids, attention_mask=torch.tensor(data["attention_mask"])).logits.argmax(-1)
+    expected = (predicted[:, :-1] == ids[:, 1:]).float().mean().item()
+    unshifted = (predicted == ids).float().mean().item()
+    assert abs(scores["accuracy"] - expected) < 1e-9
+    assert expected != unshifted
