@@ -406,3 +406,19 @@ def test_pyproject_pins_the_supported_peft_series():
     pyproject = (pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert '"peft>=0.21,<0.22"' in pyproject
     assert peft_c2a.registration.SUPPORTED_PEFT[1].release == (0, 22, 0)
+
+
+def test_packaging_claims_hold():
+    """The Python floor is the one the pinned stack needs, the internals the trainer uses are pinned to the tested
+    minors, and the declared licence file exists."""
+    import pathlib
+    import sys
+    import tomllib
+
+    root = pathlib.Path(__file__).parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11" and sys.version_info >= (3, 11)
+    assert "transformers>=5.25,<5.26" in project["dependencies"]
+    assert "accelerate>=1.16,<1.17" in project["dependencies"]
+    assert project["license-files"] == ["LICENSE"]
+    assert "Apache License" in (root / "LICENSE").read_text()
