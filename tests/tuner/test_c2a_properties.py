@@ -413,6 +413,7 @@ def test_packaging_claims_hold():
     minors, and the declared licence file exists."""
     import pathlib
     import sys
+
     import tomllib
 
     root = pathlib.Path(__file__).parents[2]
