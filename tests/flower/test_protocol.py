@@ -7,6 +7,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from peft_c2a.federated import CheckpointError
 from peft_c2a.federated.server import ClientReport
 from peft_c2a.flower import FederatedStrategy
 from peft_c2a.flower.protocol import (
@@ -87,3 +88,17 @@ def test_a_node_announcing_no_examples_is_refused(tmp_path, count):
     description = {"names": ["a", "b"], "num-examples": [5, count], "evaluable": [True, True], "seed": 0}
     with pytest.raises(ValueError, match=f"announces {count} training examples"):
         strategy.register_clients({1: description})
+
+
+def test_the_strategy_refuses_another_runs_checkpoints_on_a_fresh_start(tmp_path):
+    strategy = FederatedStrategy(tiny_model("c2a"), fed_args(tmp_path, **federation_settings()))
+    strategy.register_clients({1: {"names": ["a", "b"], "num-examples": [5, 5], "evaluable": [True, True], "seed": 0}})
+    strategy.save_checkpoint(1)
+    fresh = FederatedStrategy(tiny_model("c2a"), fed_args(tmp_path, **federation_settings()))
+    with pytest.raises(CheckpointError, match="another run.*overwrite_output_dir"):
+        fresh.server.checkpoint_to_resume(None)
+    overwriting = FederatedStrategy(
+        tiny_model("c2a"), fed_args(tmp_path, **federation_settings(), overwrite_output_dir=True)
+    )
+    assert overwriting.server.checkpoint_to_resume(None) is None
+    assert not (tmp_path / "round-1").exists()

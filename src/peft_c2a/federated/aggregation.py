@@ -14,6 +14,7 @@ Everything here works on plain tensors: no model, no Trainer, no process group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Optional
 
@@ -172,3 +173,31 @@ def make_server_optimizer(args: FederatedTrainingArguments) -> FedAvgServer:
             learning_rate, args.server_beta1, args.server_beta2, args.server_tau, yogi=args.aggregation == "fedyogi"
         )
     return FedAvgServer(learning_rate)
+
+
+def clip_to_norm(update: Mapping[str, torch.Tensor], limit: Optional[float]) -> TensorDict:
+    """`update` scaled down to L2 norm `limit` (over all its tensors) when it is longer; as it is otherwise."""
+    if limit is None:
+        return dict(update)
+    norm = math.sqrt(sum(float(tensor.double().pow(2).sum()) for tensor in update.values()))
+    if norm <= limit:
+        return dict(update)
+    scale = limit / norm
+    return {name: (tensor.double() * scale).to(tensor.dtype) for name, tensor in update.items()}
+
+
+def capped_shares(weights: Mapping[str, float], cap: float) -> dict[str, float]:
+    """`weights` as shares of their total, none above `cap`: the excess of a capped share is spread over the
+    others in proportion to their weights (water-filling). If the cap cannot hold (`cap * n < 1`), equal shares."""
+    if cap * len(weights) < 1.0:
+        return dict.fromkeys(weights, 1.0 / len(weights))
+    capped: set[str] = set()
+    while True:
+        free = {name: weight for name, weight in weights.items() if name not in capped}
+        left = 1.0 - cap * len(capped)
+        total = sum(free.values())
+        shares = {name: left * weight / total for name, weight in free.items()} if total > 0 else {}
+        over = {name for name, share in shares.items() if share > cap}
+        if not over:
+            return {**shares, **dict.fromkeys(capped, cap)}
+        capped |= over

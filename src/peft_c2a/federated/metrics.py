@@ -114,6 +114,26 @@ def evaluation_summary(
     return out
 
 
+def pooled_scores(per_client: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """`loss` and `accuracy` over the union of the clients' examples (each client's score weighted by its
+    `num_examples`), and that union's size: a global score where no server-side test set exists."""
+    out: dict[str, float] = {}
+    pooled = sum(scores.get("num_examples", 0.0) for scores in per_client.values())
+    for score in ("loss", "accuracy"):
+        pairs = [(s[score], s.get("num_examples", 0.0)) for s in per_client.values() if score in s]
+        if pairs and pooled:
+            out[score] = sum(value * weight for value, weight in pairs) / pooled
+    if per_client:
+        out["num_examples"] = pooled
+    return out
+
+
+def headline(record: Mapping[str, Any]) -> str:
+    """A round in one line: its training loss and main accuracies."""
+    keys = ("train_loss", "eval_global_accuracy", "eval_personalized_mean_accuracy", "eval_personalized_worst_accuracy")
+    return ", ".join(f"{key}={record[key]:.4f}" for key in keys if key in record)
+
+
 def scalar_items(record: Mapping[str, Any]) -> dict[str, float]:
     """The numeric, non-nested entries of a history record (what goes to loggers and the CSV)."""
     return {

@@ -24,17 +24,23 @@ optimizer). Resuming reads and verifies everything first (`read_checkpoint`) and
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
-from .aggregation import FedAvgServer, UpdateAccumulator, make_server_optimizer, non_finite_tensors
+from .aggregation import (
+    FedAvgServer,
+    UpdateAccumulator,
+    capped_shares,
+    clip_to_norm,
+    make_server_optimizer,
+    non_finite_tensors,
+)
 from .arguments import FederatedTrainingArguments
 from .checkpoint import (
     FEDERATION_STATE_FILE,
@@ -50,40 +56,10 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .metrics import write_history
+from .reports import ClientReport, round_record
 from .rounds import TensorDict, sample_round_clients, screen_update
 
 logger = logging.getLogger(__name__)
-
-ClientStatus = Literal["ok", "failed", "rejected"]
-
-
-@dataclass
-class ClientReport:
-    """What one client's part of a round came to.
-
-    Attributes:
-        client: the client's name.
-        status: `"ok"` (its update counts), `"failed"` (training raised, or no reply) or `"rejected"` (the server,
-            or the client itself, found its update unusable: non-finite, malformed, of the wrong shape).
-        bytes_down / bytes_up: what crossed the wire for it (0 for baselines that communicate nothing).
-        num_examples: its training examples, the weight of its update (usable reports only).
-        train_loss: its mean local training loss (usable reports only).
-        local_steps: the optimizer steps it took (usable reports only).
-        error: why it failed or was rejected.
-    """
-
-    client: str
-    status: ClientStatus
-    bytes_down: int = 0
-    bytes_up: int = 0
-    num_examples: int = 0
-    train_loss: float = math.nan
-    local_steps: int = 0
-    error: Optional[str] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
 
 
 @dataclass
@@ -222,41 +198,17 @@ class FederationServer:
         return UpdateAccumulator(self.global_state, keep_updates=self.args.robust_aggregation != "none")
 
     def bound_update(self, update: Mapping[str, torch.Tensor]) -> TensorDict:
-        """`update` scaled down to `max_update_norm` (its L2 norm over all tensors) when it is longer; as it is
-        otherwise. Engines call this on every usable update before adding it."""
-        limit = self.args.max_update_norm
-        if limit is None:
-            return dict(update)
-        norm = math.sqrt(sum(float(tensor.double().pow(2).sum()) for tensor in update.values()))
-        if norm <= limit:
-            return dict(update)
-        scale = limit / norm
-        return {name: (tensor.double() * scale).to(tensor.dtype) for name, tensor in update.items()}
+        """`update` scaled down to `max_update_norm` when it is longer (`clip_to_norm`). Engines call this on every
+        usable update before adding it."""
+        return clip_to_norm(update, self.args.max_update_norm)
 
     def client_weights(self, example_counts: Mapping[str, int]) -> dict[str, float]:
-        """Each sampled client's weight in the round's mean update, from its example count.
-
-        `client_weighting="examples"` (FedAvg) weights by the counts, `"equal"` equally; `max_client_weight` then caps
-        every share of the total at that fraction, the excess spread over the others in proportion to their weights
-        (if the cap cannot hold, `cap * clients < 1`, all get equal shares).
-        """
+        """Each sampled client's weight in the round's mean update: its example count (`client_weighting="examples"`,
+        FedAvg) or 1 (`"equal"`), every share then capped at `max_client_weight` (`capped_shares`)."""
         equal = self.args.client_weighting == "equal"
         weights = {name: 1.0 if equal else float(count) for name, count in example_counts.items()}
         cap = self.args.max_client_weight
-        if cap is None or not weights:
-            return weights
-        if cap * len(weights) < 1.0:
-            return dict.fromkeys(weights, 1.0 / len(weights))
-        capped: set[str] = set()
-        while True:
-            free = {name: weight for name, weight in weights.items() if name not in capped}
-            left = 1.0 - cap * len(capped)
-            total = sum(free.values())
-            shares = {name: left * weight / total for name, weight in free.items()} if total > 0 else {}
-            over = {name for name, share in shares.items() if share > cap}
-            if not over:
-                return {**shares, **dict.fromkeys(capped, cap)}
-            capped |= over
+        return weights if cap is None or not weights else capped_shares(weights, cap)
 
     def is_evaluation_round(self, round_index: int) -> bool:
         """Whether `round_index` ends with an evaluation (every `eval_every_rounds`, and always the last)."""
@@ -493,25 +445,3 @@ def _first_difference(name: str, written: Any, current: Any) -> Optional[tuple[s
             if inner is not None:
                 return inner
     return name, written, current
-
-
-def round_record(round_index: int, sampled: Sequence[str], reports: Sequence[ClientReport]) -> dict[str, Any]:
-    """The history record of a round's training: losses, counts, bytes, and which clients failed or were rejected."""
-    usable = [report for report in reports if report.ok]
-    examples = sum(report.num_examples for report in usable)
-    loss = sum(report.train_loss * report.num_examples for report in usable) / examples if examples else math.nan
-    return {
-        "round": round_index,
-        "train_loss": loss,
-        "num_sampled_clients": len(sampled),
-        "num_clients_ok": len(usable),
-        "num_train_examples": examples,
-        "local_steps": sum(report.local_steps for report in usable),
-        "bytes_down": sum(report.bytes_down for report in reports),
-        "bytes_up": sum(report.bytes_up for report in reports),
-        "bytes_up_per_client": max((report.bytes_up for report in usable), default=0),
-        "sampled_clients": list(sampled),
-        "failed_clients": {report.client: report.error for report in reports if report.status == "failed"},
-        "rejected_clients": {report.client: report.error for report in reports if report.status == "rejected"},
-        "client_train_loss": {report.client: report.train_loss for report in usable},
-    }

@@ -94,6 +94,38 @@ def decode_query_reply(content: RecordDict) -> NodeDescription:
     return decode_node_description(content[CLIENTS_KEY])
 
 
+def map_clients_to_nodes(
+    descriptions: Mapping[int, Any], seed: int
+) -> tuple[dict[str, int], dict[str, int], list[str]]:
+    """`(client -> node, client -> announced examples, evaluable clients)` from the nodes' query replies (node id ->
+    `NodeDescription`, or its raw record).
+
+    Raises `ValueError` for a node with another seed, a client held by two nodes, or a client announced with fewer
+    than one example (its count weighs its update).
+    """
+    nodes: dict[str, int] = {}
+    examples: dict[str, int] = {}
+    evaluable: list[str] = []
+    for node, raw in sorted(descriptions.items()):
+        description = raw if isinstance(raw, NodeDescription) else decode_node_description(raw)
+        if description.seed != seed:
+            raise ValueError(f"Node {node} runs with seed {description.seed}, the server with {seed}.")
+        for name, count, can_evaluate in zip(
+            description.names, description.num_examples, description.evaluable, strict=True
+        ):
+            if name in nodes:
+                raise ValueError(f"Client {name!r} is held by two nodes ({nodes[name]} and {node}).")
+            if count < 1:
+                raise ValueError(
+                    f"Node {node} announces {count} training examples for client {name!r}; a client needs at least "
+                    "one (its count weighs its update)."
+                )
+            nodes[name], examples[name] = node, int(count)
+            if can_evaluate:
+                evaluable.append(name)
+    return nodes, examples, evaluable
+
+
 # ---- train and evaluate instructions ----------------------------------------------------------------------------
 
 

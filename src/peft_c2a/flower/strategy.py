@@ -31,7 +31,7 @@ from torch import nn
 from ..federated.aggregation import state_nbytes
 from ..federated.arguments import FederatedTrainingArguments
 from ..federated.clients import descriptor_spec
-from ..federated.metrics import evaluation_summary, scalar_items
+from ..federated.metrics import evaluation_summary, headline, pooled_scores, scalar_items
 from ..federated.rounds import (
     adapter_fingerprint,
     load_trainable_state,
@@ -44,13 +44,12 @@ from .protocol import (
     OWN_PASS,
     UNIFORM_PASS,
     Instruction,
-    NodeDescription,
     decode_evaluate_reply,
-    decode_node_description,
     decode_query_reply,
     decode_train_reply,
     encode_evaluate,
     encode_train,
+    map_clients_to_nodes,
     state_from_record,
     train_reply_client,
 )
@@ -227,17 +226,9 @@ class FederatedStrategy(ServerBacked, Strategy):
             failed[name] = "no reply before the timeout"
         if not self.model_has_descriptor:
             uniform = dict(own)  # without a descriptor both passes are the same; the node sends one
-        pooled_scores: dict[str, float] = {}
-        pooled = sum(scores.get("num_examples", 0.0) for scores in uniform.values())
-        for score in ("loss", "accuracy"):
-            pairs = [(s[score], s.get("num_examples", 0.0)) for s in uniform.values() if score in s]
-            if pairs and pooled:
-                pooled_scores[score] = sum(value * weight for value, weight in pairs) / pooled
-        if uniform:
-            pooled_scores["num_examples"] = pooled
         seen = {name: scores for name, scores in own.items() if name not in self.unseen_clients}
         unseen = {name: scores for name, scores in own.items() if name in self.unseen_clients}
-        out = evaluation_summary(pooled_scores, seen, unseen)
+        out = evaluation_summary(pooled_scores(uniform), seen, unseen)
         if failed:
             out["eval_failed_clients"] = dict(sorted(failed.items()))
             logger.warning("Round %d: evaluation failed for %s", server_round, out["eval_failed_clients"])
@@ -321,7 +312,7 @@ class FederatedStrategy(ServerBacked, Strategy):
             record["round_time"] = time.time() - self._round_start
             record["wall_time"] = time.time() - started
             self.server.add_record(record)
-            logger.info("Round %d: %s", server_round, _headline(record))
+            logger.info("Round %d: %s", server_round, headline(record))
             if self.server.is_checkpoint_round(server_round):
                 self.save_checkpoint(server_round)
         load_trainable_state(self.model, self.global_state, keep=self.private_keys)
@@ -379,26 +370,7 @@ class FederatedStrategy(ServerBacked, Strategy):
         no training client, more clients than a C2A adapter's client-id embedding has rows, or a
         `min_clients_per_round` above the clients sampled per round.
         """
-        nodes: dict[str, int] = {}
-        examples: dict[str, int] = {}
-        evaluable: list[str] = []
-        for node, raw in sorted(descriptions.items()):
-            description = raw if isinstance(raw, NodeDescription) else decode_node_description(raw)
-            if description.seed != self.args.seed:
-                raise ValueError(f"Node {node} runs with seed {description.seed}, the server with {self.args.seed}.")
-            for name, count, can_evaluate in zip(
-                description.names, description.num_examples, description.evaluable, strict=True
-            ):
-                if name in nodes:
-                    raise ValueError(f"Client {name!r} is held by two nodes ({nodes[name]} and {node}).")
-                if count < 1:
-                    raise ValueError(
-                        f"Node {node} announces {count} training examples for client {name!r}; a client needs at "
-                        "least one (its count weighs its update)."
-                    )
-                nodes[name], examples[name] = node, int(count)
-                if can_evaluate:
-                    evaluable.append(name)
+        nodes, examples, evaluable = map_clients_to_nodes(descriptions, self.args.seed)
         spec = descriptor_spec(self.model)
         if spec is not None and spec.num_clients is not None and len(nodes) > spec.num_clients:
             raise ValueError(
@@ -473,8 +445,3 @@ class FederatedStrategy(ServerBacked, Strategy):
             report.status, report.error = "rejected", reason
             return report, None
         return report, update
-
-
-def _headline(record: Mapping[str, Any]) -> str:
-    keys = ("train_loss", "eval_global_accuracy", "eval_personalized_mean_accuracy", "eval_personalized_worst_accuracy")
-    return ", ".join(f"{key}={record[key]:.4f}" for key in keys if key in record)

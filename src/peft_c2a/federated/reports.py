@@ -1,0 +1,65 @@
+"""What a client's part of a round came to (`ClientReport`), and the history record of a round's training.
+
+Both engines build reports -- `FederatedTrainer.train_client` in-process, the Flower strategy from a node's reply --
+and `FederationServer.finish_round` turns them into the round's record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+ClientStatus = Literal["ok", "failed", "rejected"]
+
+
+@dataclass
+class ClientReport:
+    """What one client's part of a round came to.
+
+    Attributes:
+        client: the client's name.
+        status: `"ok"` (its update counts), `"failed"` (training raised, or no reply) or `"rejected"` (the server,
+            or the client itself, found its update unusable: non-finite, malformed, of the wrong shape).
+        bytes_down / bytes_up: what crossed the wire for it (0 for baselines that communicate nothing).
+        num_examples: its training examples, the weight of its update (usable reports only).
+        train_loss: its mean local training loss (usable reports only).
+        local_steps: the optimizer steps it took (usable reports only).
+        error: why it failed or was rejected.
+    """
+
+    client: str
+    status: ClientStatus
+    bytes_down: int = 0
+    bytes_up: int = 0
+    num_examples: int = 0
+    train_loss: float = math.nan
+    local_steps: int = 0
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def round_record(round_index: int, sampled: Sequence[str], reports: Sequence[ClientReport]) -> dict[str, Any]:
+    """The history record of a round's training: losses, counts, bytes, and which clients failed or were rejected."""
+    usable = [report for report in reports if report.ok]
+    examples = sum(report.num_examples for report in usable)
+    loss = sum(report.train_loss * report.num_examples for report in usable) / examples if examples else math.nan
+    return {
+        "round": round_index,
+        "train_loss": loss,
+        "num_sampled_clients": len(sampled),
+        "num_clients_ok": len(usable),
+        "num_train_examples": examples,
+        "local_steps": sum(report.local_steps for report in usable),
+        "bytes_down": sum(report.bytes_down for report in reports),
+        "bytes_up": sum(report.bytes_up for report in reports),
+        "bytes_up_per_client": max((report.bytes_up for report in usable), default=0),
+        "sampled_clients": list(sampled),
+        "failed_clients": {report.client: report.error for report in reports if report.status == "failed"},
+        "rejected_clients": {report.client: report.error for report in reports if report.status == "rejected"},
+        "client_train_loss": {report.client: report.train_loss for report in usable},
+    }
