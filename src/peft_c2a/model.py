@@ -163,7 +163,10 @@ class C2AModel(_BottleneckTunerBase):
             if model_labels != config.num_labels:
                 raise ValueError(
                     f"C2AConfig(num_labels={config.num_labels}) does not match the model's {model_labels} labels; the "
-                    "label distribution must describe the classes the model predicts."
+                    "label distribution must describe the classes the model predicts. Loading a saved adapter? Build "
+                    f"the base model with num_labels={config.num_labels}: e.g. AutoPeftModelForSequenceClassification"
+                    f".from_pretrained(path, num_labels={config.num_labels}), or AutoModelForSequenceClassification"
+                    f".from_pretrained(base, num_labels={config.num_labels}) before PeftModel.from_pretrained."
                 )
         plan = plan_sites(model, targets, config.use_context, config.causal_context)
         hidden_size = out_features(targets[0][1])
