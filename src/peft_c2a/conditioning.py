@@ -248,7 +248,9 @@ class C2AConditioning:
                         raise ValueError(
                             "C2A adapter is training without `label_distribution`: pass each example's client label "
                             "distribution (shape (batch, num_labels)). Training on the uniform default would silently "
-                            "learn the wrong conditioning."
+                            "learn the wrong conditioning. With a plain `transformers.Trainer`, a `label_distribution` "
+                            "column is dropped unless `remove_unused_columns=False` (the base model's forward does not "
+                            "name it), or add it per batch with `peft_c2a.federated.DescriptorCollator`."
                         )
                     # documented behaviour: an unknown client at inference is described by the uniform distribution
                     probs = torch.full((1, hyper.num_labels), 1.0 / hyper.num_labels)

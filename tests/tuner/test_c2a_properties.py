@@ -423,3 +423,30 @@ def test_packaging_claims_hold():
     assert "accelerate>=1.16,<1.17" in project["dependencies"]
     assert project["license-files"] == ["LICENSE"]
     assert "Apache License" in (root / "LICENSE").read_text()
+
+
+def test_a_plain_trainer_that_drops_the_descriptor_column_is_told_why(tiny_bert, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    data = Dataset.from_dict(
+        {
+            "input_ids": [[1, 2, 3, 4]] * 4,
+            "attention_mask": [[1, 1, 1, 1]] * 4,
+            "labels": [0, 1, 2, 0],
+            "label_distribution": [[0.5, 0.25, 0.25]] * 4,
+        }
+    )
+    model = get_peft_model(tiny_bert, c2a_config())
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, per_device_train_batch_size=2)
+    with pytest.raises(ValueError, match="remove_unused_columns=False.*DescriptorCollator"):
+        Trainer(model=model, args=args, train_dataset=data).train()
+    kept = TrainingArguments(
+        str(tmp_path),
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        remove_unused_columns=False,
+    )
+    assert Trainer(model=model, args=kept, train_dataset=data).train().global_step == 1
