@@ -8,8 +8,9 @@ round checkpoints and the final adapter to `--output_dir`.
 
     python examples/federated_text_classification.py
     python examples/federated_text_classification.py --peft_method lora --learning_rate 1e-3
-    torchrun --nproc_per_node 2 examples/federated_text_classification.py   # clients split over 2 processes
-    accelerate launch --multi_gpu --num_processes 2 examples/federated_text_classification.py   # the same
+    accelerate launch --config_file examples/accelerate/two_processes.yaml \
+        examples/federated_text_classification.py                              # clients split over 2 processes
+    torchrun --nproc_per_node 2 examples/federated_text_classification.py   # the same
     python examples/federated_text_classification.py --dataset_path my.csv --text_column body --label_column topic
     python examples/federated_text_classification.py --resume_from_checkpoint true        # continue a killed run
 

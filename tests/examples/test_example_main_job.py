@@ -214,3 +214,31 @@ def test_unreadable_csv_and_empty_texts_give_one_clear_line(script, tmp_path, ca
     data = script.load_data(some, seed=0)
     assert len(data["train"]) + len(data["test"]) == 10
     assert "dropped rows with an empty 'text'" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accelerate_launch_as_documented_shards_the_clients(tmp_path):
+    """The README's multi-process command, on this CPU-only machine: one federation over two processes (each
+    process prints nothing of its own, rank 0 prints the summary once), not two federations side by side."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+        "--config_file", str(root / "examples" / "accelerate" / "two_processes.yaml"), "--main_process_port", str(port),
+        str(SCRIPT), "--output_dir", str(output), "--num_clients", "4", "--clients_per_round", "4",
+        "--unseen_client_fraction", "0", "--min_client_size", "4", "--save_every_rounds", "0", *SMALL,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("personalised accuracy, mean") == 1, done.stdout
+    assert done.stdout.count("trainable parameters") == 1, done.stdout
+    record = json.loads((output / "history.json").read_text())[-1]
+    assert record["num_clients_ok"] == 4 and len(record["client_train_loss"]) == 4

@@ -10,6 +10,7 @@ and when to evaluate and checkpoint. `num_train_epochs` / `max_steps` are not us
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -160,6 +161,10 @@ class FederatedTrainingArguments(TrainingArguments):
     trim_fraction: float = field(default=0.2, metadata={"help": "Share trimmed at each end by trimmed_mean."})
 
     def __post_init__(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not _has_accelerator():
+            # `torchrun` / `accelerate launch` on a machine without an accelerator: TrainingArguments only sets up
+            # the process group with `use_cpu`, so without it every rank would run the whole federation alone
+            self.use_cpu = True
         super().__post_init__()
         self.aggregation = self.aggregation.lower()
         self.federation_mode = self.federation_mode.lower()
@@ -220,3 +225,15 @@ class FederatedTrainingArguments(TrainingArguments):
         if self.clients_per_round is not None:
             return min(self.clients_per_round, num_available)
         return max(1, min(num_available, math.ceil(self.client_fraction * num_available)))
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees a CUDA, XPU or MPS device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    if getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())

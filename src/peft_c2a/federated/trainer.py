@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -150,6 +151,14 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
         # the server side of the federation: roster, global state, server optimizer, history, checkpoints
         self.server = FederationServer(args, {}, is_writer=self.is_world_process_zero())
         self.server.set_roster(self.clients, list(unseen_clients or []), where="missing from `client_datasets`")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.world_size == 1:
+            raise ValueError(
+                f"Launched as {launched} processes (WORLD_SIZE={launched}), but the arguments see one: every process "
+                "would run the whole federation into the same output_dir. Build the arguments inside the launched "
+                "script as FederatedTrainingArguments (on a machine without GPUs it sets use_cpu=True itself), or pass "
+                "`--use_cpu`."
+            )
         if not args.reset_optimizer_each_round and args.world_size > 1:
             raise ValueError("`reset_optimizer_each_round=False` is supported in a single process only.")
         if args.robust_aggregation != "none" and args.world_size > 1:
