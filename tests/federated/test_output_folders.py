@@ -89,3 +89,12 @@ def test_a_damaged_new_copy_falls_back_to_the_old_one(tmp_path):
     remove_stale_temporaries(tmp_path)
     assert rounds(tmp_path) == [1, 2]
     read_checkpoint(final)
+
+
+def test_resuming_says_so_at_warning_level(tmp_path, caplog):
+    import logging
+
+    make(tmp_path, num_rounds=1, eval_every_rounds=0).train()
+    caplog.set_level(logging.WARNING, logger="peft_c2a")
+    make(tmp_path, num_rounds=2, eval_every_rounds=0).train(resume_from_checkpoint=True)
+    assert any("Resuming the federation after round 1" in record.getMessage() for record in caplog.records)

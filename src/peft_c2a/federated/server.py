@@ -387,7 +387,8 @@ class FederationServer:
         self.server_optimizer = checkpoint.server_optimizer
         self.history = list(checkpoint.history)
         self.run_id = checkpoint.meta.get("run_id") or self.run_id
-        self.log.info("Resuming the federation after round %d from %s.", checkpoint.round_index, checkpoint.path)
+        # a warning, not info: a resume changes what the run does, and scripts commonly log warnings only
+        self.log.warning("Resuming the federation after round %d from %s.", checkpoint.round_index, checkpoint.path)
         return checkpoint.round_index
 
     def elapsed_before_resume(self) -> float:
