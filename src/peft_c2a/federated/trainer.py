@@ -64,6 +64,7 @@ from .clients import (
 from .evaluation import FederatedEvaluation
 from .local_training import POOLED_CLIENT, LocalTraining, unwrap_optimizer
 from .metrics import loggable_items, scalar_items
+from .model_card import federated_model_card
 from .rounds import (
     adapter_fingerprint,
     load_trainable_state,
@@ -374,12 +375,21 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """`Trainer.save_model`'s writer, with the arguments saved as JSON instead of a pickled `training_args.bin`
-        (so nothing this package writes needs unpickling to read)."""
+        (so nothing this package writes needs unpickling to read) and the federation's model card."""
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             target = Path(output_dir if output_dir is not None else self.args.output_dir)
             (target / "training_args.bin").unlink(missing_ok=True)
             (target / "training_args.json").write_text(self.args.to_json_string())
+            self.create_model_card(output_dir=str(target))
+
+    def create_model_card(self, *args: Any, output_dir: Optional[str] = None, **kwargs: Any) -> None:
+        """Write `README.md`: the federated adapter's card (`model_card.federated_model_card`: tags, how to load
+        it with a descriptor, the federation's settings and final scores over clients) instead of the Trainer's."""
+        if not self.is_world_process_zero():
+            return
+        card = federated_model_card(self.model, self.args, self.history, len(self.clients))
+        (Path(output_dir or self.args.output_dir) / "README.md").write_text(card)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
