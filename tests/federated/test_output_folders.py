@@ -98,3 +98,21 @@ def test_resuming_says_so_at_warning_level(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="peft_c2a")
     make(tmp_path, num_rounds=2, eval_every_rounds=0).train(resume_from_checkpoint=True)
     assert any("Resuming the federation after round 1" in record.getMessage() for record in caplog.records)
+
+
+def test_a_resumed_runs_progress_bar_starts_where_it_stopped(tmp_path):
+    from transformers import ProgressCallback
+
+    make(tmp_path, num_rounds=2, eval_every_rounds=0).train()
+    resumed = make(tmp_path, num_rounds=3, eval_every_rounds=0, disable_tqdm=False)
+    seen = []
+
+    class Watch(ProgressCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(self.training_bar.n)  # where the bar stood during the round that just ended
+            super().on_step_end(args, state, control, **kwargs)
+
+    resumed.remove_callback(ProgressCallback)
+    resumed.add_callback(Watch())
+    resumed.train(resume_from_checkpoint=True)
+    assert seen == [2]

@@ -37,7 +37,7 @@ import torch
 from accelerate.utils import gather_object
 from peft import PeftModel
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import EvalPrediction, TrainOutput
 
 from .arguments import FederatedTrainingArguments
@@ -246,6 +246,10 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
         self.state.epoch = None
         self.state.log_history = [scalar_items(record) | {"step": record["round"]} for record in self.history]
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        for callback in self.callback_handler.callbacks:  # a resumed run's progress bar starts at k / N, not 0 / N
+            if isinstance(callback, ProgressCallback) and getattr(callback, "training_bar", None) is not None:
+                callback.training_bar.update(first_round - 1)
+                callback.current_step = first_round - 1
         for round_index in range(first_round, args.num_rounds + 1):
             record = self._run_round(round_index, ignore_keys_for_eval)
             record["wall_time"] = time.time() - start_time
