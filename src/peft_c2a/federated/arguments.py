@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from transformers import TrainingArguments
 
@@ -207,6 +207,22 @@ class FederatedTrainingArguments(TrainingArguments):
             )
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"`trim_fraction` must lie in [0, 0.5), got {self.trim_fraction}.")
+
+    def local_training_identity(self) -> dict[str, Any]:
+        """The local-training settings a checkpoint must match to continue a run (JSON values)."""
+        return {
+            "learning_rate": self.learning_rate,
+            "local_max_steps": self.local_max_steps,
+            "local_epochs": self.local_epochs if self.local_max_steps <= 0 else None,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "lr_scheduler_type": str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)),
+            "warmup_steps": self.warmup_steps,
+            "weight_decay": self.weight_decay,
+            "optim": str(getattr(self.optim, "value", self.optim)),
+            "max_grad_norm": self.max_grad_norm,
+            "reset_optimizer_each_round": self.reset_optimizer_each_round,
+        }
 
     @property
     def effective_server_learning_rate(self) -> float:

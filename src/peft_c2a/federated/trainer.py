@@ -268,22 +268,8 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
     def _run_fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must also match to continue this run: the local training settings, the adapter's
         config and every client's data (size, label counts, content hash)."""
-        args = self.args
-        local = {
-            "learning_rate": args.learning_rate,
-            "local_max_steps": args.local_max_steps,
-            "local_epochs": args.local_epochs if args.local_max_steps <= 0 else None,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-            "warmup_steps": args.warmup_steps,
-            "weight_decay": args.weight_decay,
-            "optim": str(getattr(args.optim, "value", args.optim)),
-            "max_grad_norm": args.max_grad_norm,
-            "reset_optimizer_each_round": args.reset_optimizer_each_round,
-        }
         return {
-            "local_training": local,
+            "local_training": self.args.local_training_identity(),
             "adapter": adapter_fingerprint(self.model),
             "client_data": {name: data_fingerprint(self.clients[name]) for name in sorted(self.clients)},
         }
