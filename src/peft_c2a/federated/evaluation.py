@@ -15,7 +15,7 @@ from transformers.trainer_pt_utils import nested_concat, nested_numpify
 from transformers.trainer_utils import EvalPrediction
 
 from .clients import ClientData
-from .metrics import classification_metrics, evaluation_summary, prior_only_accuracy
+from .metrics import classification_metrics, evaluation_summary, prior_only_accuracy, scalar_items
 
 
 class FederatedEvaluation(Trainer):
@@ -50,6 +50,29 @@ class FederatedEvaluation(Trainer):
         for kind, name, scores in results:
             per_kind[kind][name] = scores
         return evaluation_summary(per_kind["global"].get("global", {}), per_kind["client"], per_kind["unseen"])
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """`Trainer.evaluate` for a federation: the scalar scores of `evaluate_federation` (global, personalised,
+        unseen, prior-only) under `metric_key_prefix`, logged, with `on_evaluate` fired for callbacks.
+
+        `eval_dataset` replaces the global test set for this call (scored with the uniform descriptor).
+        """
+        original = self.eval_dataset
+        if eval_dataset is not None:
+            self.eval_dataset = eval_dataset
+        try:
+            results = self.evaluate_federation(ignore_keys=ignore_keys)
+        finally:
+            self.eval_dataset = original
+        metrics = {
+            (f"{metric_key_prefix}_{key[len('eval_'):]}" if key.startswith("eval_") else key): value
+            for key, value in scalar_items(results).items()
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def evaluate_client(
         self, name: str, own_descriptor: bool = True, ignore_keys: Optional[list[str]] = None
