@@ -145,12 +145,13 @@ class C2AConfig(_AdapterSitesConfig):
         client_embed_dim (`int`, defaults to 8):
             Size `k` of the client embedding, i.e. the number of basis adapters the hypernetwork mixes.
         hyper_latent_dim (`int`, defaults to 32):
-            Factorisation width `m`: each generator is `reshape(F S) + b` with `F: (k r) x m`, `S: m x d` and one
-            bias row `b` of size `r d` shared by the `k` rows.
+            Factorisation width `m`: each generator is `reshape(F S)` with `F: (k r) x m` and `S: m x d` (no shared
+            bias row: it is what the `k` rows collapsed onto at large learning rates).
         num_labels (`int`, *optional*):
             Number of classes of the task. Set, `label_distribution=` becomes part of the client descriptor (required
             while training, uniform when missing at inference): it feeds the label term and the logit adjustment.
-            Leave unset for language modelling.
+            Unset on a `SEQ_CLS` / `TOKEN_CLS` model, it is taken from the classifier (`model.config.num_labels`);
+            leave it unset for language modelling.
         num_clients (`int`, *optional*):
             Set, it adds a learned per-client embedding selected with `client_ids=` (ids in `[0, num_clients)`).
             `FederatedTrainer` keeps each client's row on that client: it is never averaged by the server.
@@ -189,7 +190,11 @@ class C2AConfig(_AdapterSitesConfig):
     client_embed_dim: int = field(default=8, metadata={"help": "Size k of the client embedding."})
     hyper_latent_dim: int = field(default=32, metadata={"help": "Factorisation width m of the hypernetwork."})
     num_labels: Optional[int] = field(
-        default=None, metadata={"help": "Number of classes; enables the label term of the client descriptor."}
+        default=None,
+        metadata={
+            "help": "Number of classes; enables the label term of the client descriptor. Unset on a SEQ_CLS or "
+            "TOKEN_CLS model, it is taken from the model's classifier (`config.num_labels`)."
+        },
     )
     num_clients: Optional[int] = field(
         default=None, metadata={"help": "Number of known clients; enables a learned client-id embedding."}

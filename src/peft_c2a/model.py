@@ -159,6 +159,9 @@ class C2AModel(_BottleneckTunerBase):
         self, config: C2AConfig, model: nn.Module, adapter_name: str, targets: list[tuple[str, nn.Module]]
     ) -> None:
         model_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if config.num_labels is None and config.task_type in CLASSIFICATION_TASKS and model_labels:
+            # a classifier's clients are described by their label distribution over the classes it predicts
+            config.num_labels = int(model_labels)
         if config.num_labels is not None and config.task_type in ("SEQ_CLS", "TOKEN_CLS") and model_labels is not None:
             if model_labels != config.num_labels:
                 raise ValueError(

@@ -239,8 +239,15 @@ def test_client_ids_are_checked(tiny_bert, batch):
         model(**batch, label_distribution=DESCRIPTORS)
 
 
+def test_a_classifiers_c2a_adapter_takes_its_number_of_labels(tiny_bert):
+    model = get_peft_model(tiny_bert, c2a_config(num_labels=None))
+    assert model.peft_config["default"].num_labels == NUM_LABELS
+    assert model.base_model.c2a_hypernet["default"].num_labels == NUM_LABELS
+
+
 def test_descriptor_fields_the_adapter_lacks_raise(tiny_bert, batch):
-    model = get_peft_model(tiny_bert, c2a_config(num_labels=None)).eval()
+    # no task type: nothing tells the adapter how many classes there are, so it has no label term
+    model = get_peft_model(tiny_bert, c2a_config(num_labels=None, task_type=None)).eval()
     with pytest.raises(ValueError, match="no label term"):
         model(**batch, label_distribution=DESCRIPTORS)
     with pytest.raises(ValueError, match="no client embedding"):

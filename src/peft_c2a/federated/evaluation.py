@@ -67,7 +67,7 @@ class FederatedEvaluation(Trainer):
         finally:
             self.eval_dataset = original
         metrics = {
-            (f"{metric_key_prefix}_{key[len('eval_'):]}" if key.startswith("eval_") else key): value
+            (f"{metric_key_prefix}_{key[len('eval_') :]}" if key.startswith("eval_") else key): value
             for key, value in scalar_items(results).items()
         }
         self.log(metrics)
