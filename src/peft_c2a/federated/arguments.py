@@ -5,22 +5,44 @@ gradient accumulation, mixed precision, optimizer, scheduler, gradient clipping 
 the federation around it: how many rounds, which clients take part in each round, how their updates are combined,
 and when to evaluate and checkpoint. `num_train_epochs` / `max_steps` are not used: a client trains for
 `local_epochs` (or `local_max_steps`) in every round it is sampled.
+
+The `Trainer`'s own loop fields are mapped onto the federation where they have a meaning (a *step* is a round):
+`eval_strategy` / `eval_steps` and `save_strategy` / `save_steps` are derived from `eval_every_rounds` and
+`save_every_rounds` (so `load_best_model_at_end`, `metric_for_best_model` and `EarlyStoppingCallback` work across
+rounds), `save_strategy="no"` means `save_every_rounds=0`, and values that contradict the rounds raise. Fields with
+no meaning in a federation (`num_train_epochs`, `max_steps`, `eval_on_start`, ...) are reported by one warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+logger = logging.getLogger(__name__)
 
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedyogi")
 FEDERATION_MODES = ("federated", "local", "centralized")
 WEIGHTINGS = ("examples", "equal")
 ROBUST_AGGREGATIONS = ("none", "median", "trimmed_mean")
 _DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
+# where `load_best_model_at_end` looks when `metric_for_best_model` is not set (the Trainer's "loss" does not exist
+# here: a federation has a loss per client); the clients' mean loss on their own test splits exists for every method
+DEFAULT_METRIC_FOR_BEST_MODEL = "personalized_mean_loss"
+# `TrainingArguments` fields of the Trainer's own loop that a federation does not use: (default, what to use instead)
+IGNORED_LOOP_FIELDS: dict[str, tuple[Any, str]] = {
+    "num_train_epochs": (3.0, "`num_rounds` and `local_epochs`"),
+    "max_steps": (-1, "`num_rounds` and `local_max_steps`"),
+    "eval_on_start": (False, "`trainer.evaluate()` before `train()`"),
+    "eval_delay": (0, "`eval_every_rounds`"),
+    "auto_find_batch_size": (False, "`per_device_train_batch_size`"),
+    "logging_first_step": (False, "nothing: every round is logged"),
+}
 
 
 @dataclass
@@ -165,6 +187,7 @@ class FederatedTrainingArguments(TrainingArguments):
             # `torchrun` / `accelerate launch` on a machine without an accelerator: TrainingArguments only sets up
             # the process group with `use_cpu`, so without it every rank would run the whole federation alone
             self.use_cpu = True
+        self._map_loop_fields_to_rounds()
         super().__post_init__()
         self.aggregation = self.aggregation.lower()
         self.federation_mode = self.federation_mode.lower()
@@ -207,6 +230,67 @@ class FederatedTrainingArguments(TrainingArguments):
             )
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"`trim_fraction` must lie in [0, 0.5), got {self.trim_fraction}.")
+
+    def _map_loop_fields_to_rounds(self) -> None:
+        """Express the federation's schedule in the Trainer's step fields (a step is a round), refuse values that
+        contradict it, and warn once about the loop fields a federation ignores. Runs before `TrainingArguments`'
+        own checks, which then hold for rounds (e.g. `load_best_model_at_end` needs checkpoint rounds to be
+        evaluation rounds)."""
+        ignored = [
+            f"`{name}` (use {instead})"
+            for name, (default, instead) in IGNORED_LOOP_FIELDS.items()
+            if getattr(self, name) != default
+        ]
+        hub_strategy = str(getattr(self.hub_strategy, "value", self.hub_strategy))
+        if self.push_to_hub and hub_strategy in ("checkpoint", "all_checkpoints"):
+            ignored.append(
+                f"`hub_strategy={hub_strategy!r}` (round checkpoints hold per-client state and are never pushed; "
+                "`save_model()` / `push_to_hub()` push the global adapter)"
+            )
+        if ignored:
+            logger.warning("A federation ignores these TrainingArguments: %s.", "; ".join(ignored))
+
+        eval_strategy = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+        save_strategy = str(getattr(self.save_strategy, "value", self.save_strategy))
+        for name, value in (("eval_strategy", eval_strategy), ("save_strategy", save_strategy)):
+            if value in ("epoch", "best"):
+                every = "eval_every_rounds" if name == "eval_strategy" else "save_every_rounds"
+                raise ValueError(
+                    f"`{name}={value!r}` has no meaning in a federation, which runs rounds: use `{every}` (and "
+                    "`load_best_model_at_end` with `metric_for_best_model` to keep the best round)."
+                )
+        if save_strategy == "no":
+            if self.save_every_rounds not in (0, 1):
+                raise ValueError(
+                    f"`save_strategy='no'` contradicts `save_every_rounds={self.save_every_rounds}`: set one of them."
+                )
+            self.save_every_rounds = 0
+        eval_rounds = self.eval_every_rounds or self.num_rounds
+        if self.eval_steps is not None and self.eval_steps != eval_rounds:
+            raise ValueError(
+                f"`eval_steps={self.eval_steps}` contradicts the federation's evaluation every {eval_rounds} rounds: "
+                "set `eval_every_rounds` instead (a step of a federation is a round)."
+            )
+        if self.save_every_rounds and self.save_steps not in (500, self.save_every_rounds):  # 500: the field's default
+            raise ValueError(
+                f"`save_steps={self.save_steps}` contradicts `save_every_rounds={self.save_every_rounds}`: set "
+                "`save_every_rounds` instead (a step of a federation is a round)."
+            )
+        if self.load_best_model_at_end:
+            if not self.save_every_rounds:
+                raise ValueError("`load_best_model_at_end` needs round checkpoints: set `save_every_rounds` >= 1.")
+            if self.save_every_rounds % eval_rounds:
+                raise ValueError(
+                    "`load_best_model_at_end` needs every checkpoint round to be evaluated: `save_every_rounds` "
+                    f"({self.save_every_rounds}) must be a multiple of `eval_every_rounds` ({eval_rounds})."
+                )
+            if self.metric_for_best_model is None:
+                self.metric_for_best_model = DEFAULT_METRIC_FOR_BEST_MODEL
+        self.eval_strategy, self.eval_steps = IntervalStrategy.STEPS, eval_rounds
+        if self.save_every_rounds:
+            self.save_strategy, self.save_steps = SaveStrategy.STEPS, self.save_every_rounds
+        else:
+            self.save_strategy = SaveStrategy.NO
 
     def local_training_identity(self) -> dict[str, Any]:
         """The local-training settings a checkpoint must match to continue a run (JSON values)."""

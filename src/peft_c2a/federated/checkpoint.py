@@ -208,17 +208,22 @@ def checkpoint_run_id(path: str | os.PathLike) -> Optional[str]:
 
 
 def prune_checkpoints(
-    output_dir: str | os.PathLike, keep: Optional[int], run_id: Optional[str] = None, up_to_round: Optional[int] = None
+    output_dir: str | os.PathLike,
+    keep: Optional[int],
+    run_id: Optional[str] = None,
+    up_to_round: Optional[int] = None,
+    keep_round: Optional[int] = None,
 ) -> None:
     """Delete all but the `keep` newest checkpoints (`None` or <= 0 keeps all).
 
     With `run_id`, only that run's checkpoints are counted and deleted (another run's are never touched); with
     `up_to_round`, only those up to that round (a run resumed from an earlier round keeps the later ones it has not
-    rewritten yet).
+    rewritten yet); `keep_round` (the best round, for `load_best_model_at_end`) is kept besides the `keep` newest.
     """
     if not keep or keep <= 0:
         return
     found = list_checkpoints(output_dir)
+    found = [(index, path) for index, path in found if index != keep_round]
     if up_to_round is not None:
         found = [(index, path) for index, path in found if index <= up_to_round]
     if run_id is not None:

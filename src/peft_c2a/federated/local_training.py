@@ -109,6 +109,19 @@ class LocalTraining(Trainer):
             self.client_private_states[name] = private
         return report, update
 
+    def _enable_activation_checkpointing(self) -> None:
+        """`activation_checkpointing` (or its alias `gradient_checkpointing`) as the Trainer's loop applies it, once:
+        activations are recomputed in the backward pass, trading compute for memory; the updates are unchanged."""
+        args = self.args
+        if not args.activation_checkpointing or getattr(self, "_activation_checkpointing_on", False):
+            return
+        kwargs = dict(args.activation_checkpointing_kwargs or {})
+        every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        self.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+        )
+        self._activation_checkpointing_on = True
+
     def _run_local_training(self, name: str, round_index: int, start_state: TensorDict) -> tuple[int, float, int]:
         """Train the model (holding `start_state`) on client `name`'s data for one round; return its example count,
         mean loss and optimizer steps."""
@@ -131,6 +144,7 @@ class LocalTraining(Trainer):
         params = self._trainable_parameters()
         if args.aggregation == "fedprox" and args.proximal_mu > 0 and args.federation_mode == "federated":
             self._proximal_anchor = [(params[key], start_state[key].to(params[key].device)) for key in start_state]
+        self._enable_activation_checkpointing()
         model = self.model
         model.train()
         batches = _cycle(loader)

@@ -302,6 +302,7 @@ class FederationServer:
         extra_tensors: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
         extra_meta: Optional[Mapping[str, Any]] = None,
         write_extra: Optional[Callable[[Path], None]] = None,
+        keep_round: Optional[int] = None,
     ) -> Path:
         """Write `output_dir/round-{round_index}/` (atomic, hashed) and prune old ones to `save_total_limit`.
 
@@ -310,6 +311,7 @@ class FederationServer:
             extra_tensors: the engine's own safetensors files (name -> tensors).
             extra_meta: the engine's own entries of `federation_state.json`.
             write_extra: adds files to the folder before it is sealed (`PeftModel.save_pretrained`).
+            keep_round: a round whose checkpoint pruning must keep (the best one).
         """
         args = self.args
         tensors = {TRAINABLE_STATE_FILE: self.global_state, SERVER_STATE_FILE: self.server_optimizer.state_dict()}
@@ -325,7 +327,9 @@ class FederationServer:
         path = write_checkpoint(args.output_dir, round_index, tensors, documents, write_extra)
         # only this run's checkpoints, up to this round: a run resumed from an earlier round keeps its later ones
         # until it rewrites them
-        prune_checkpoints(args.output_dir, args.save_total_limit, run_id=self.run_id, up_to_round=round_index)
+        prune_checkpoints(
+            args.output_dir, args.save_total_limit, run_id=self.run_id, up_to_round=round_index, keep_round=keep_round
+        )
         self.log.info("Saved the round-%d checkpoint to %s.", round_index, path)
         return path
 

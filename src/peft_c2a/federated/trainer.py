@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,15 +37,17 @@ from accelerate.utils import gather_object
 from peft import PeftModel
 from torch import nn
 from transformers import ProgressCallback, Trainer, TrainerCallback
-from transformers.trainer_utils import EvalPrediction, TrainOutput
+from transformers.trainer_utils import EvalPrediction, IntervalStrategy, TrainOutput
 
 from .arguments import FederatedTrainingArguments
+from .best_round import best_evaluation, check_metric_present
 from .checkpoint import (
     CLIENT_PRIVATE_FILE,
     CLIENT_STATES_FILE,
     OPTIMIZER_FILE,
     RNG_FILE,
     CheckpointError,
+    checkpoint_dir,
     indexed_states,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -64,7 +65,6 @@ from .clients import (
 from .evaluation import FederatedEvaluation
 from .local_training import POOLED_CLIENT, LocalTraining, unwrap_optimizer
 from .metrics import loggable_items, scalar_items
-from .model_card import federated_model_card
 from .rounds import (
     adapter_fingerprint,
     load_trainable_state,
@@ -72,18 +72,15 @@ from .rounds import (
     trainable_parameters,
     trainable_state,
 )
-from .server import ClientReport, FederationServer, ServerBacked
+from .server import ClientReport, FederationServer, ServerBacked, ServerCheckpoint
+from .sharing import HubSharing
 
 logger = logging.getLogger(__name__)
-
-# where `push_to_hub` stages the files it uploads (the leading underscore keeps the Trainer's own pushes off it)
-SHAREABLE_DIR = "_shareable"
-
 
 TensorDict = dict[str, torch.Tensor]
 
 
-class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer):
+class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTraining, Trainer):
     """A `Trainer` that fine-tunes one model across many clients by federated rounds.
 
     Args:
@@ -129,17 +126,22 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
                 "A ready-made optimizer cannot be rebuilt for every client: choose it with `optim` / `optim_args`, "
                 "override `create_optimizer`, or set `reset_optimizer_each_round=False`."
             )
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        # the Trainer wants a global `eval_dataset` for an evaluation schedule; a federation evaluates its clients
+        eval_strategy, args.eval_strategy = args.eval_strategy, IntervalStrategy.NO
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            )
+        finally:
+            args.eval_strategy = eval_strategy
         self.args: FederatedTrainingArguments
         # Local losses are per-batch means: most models ignore `num_items_in_batch` even though their forward takes
         # `**kwargs`, so let `training_step` divide by the accumulation steps (transformers #47688).
@@ -244,21 +246,36 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
         self.state.max_steps = args.num_rounds
         self.state.global_step = first_round - 1
         self.state.epoch = None
+        self.state.logging_steps, self.state.eval_steps, self.state.save_steps = 1, args.eval_steps, args.save_steps
         self.state.log_history = [scalar_items(record) | {"step": record["round"]} for record in self.history]
+        self._track_best_round()  # a resumed run's best round so far
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         for callback in self.callback_handler.callbacks:  # a resumed run's progress bar starts at k / N, not 0 / N
             if isinstance(callback, ProgressCallback) and getattr(callback, "training_bar", None) is not None:
                 callback.training_bar.update(first_round - 1)
                 callback.current_step = first_round - 1
         for round_index in range(first_round, args.num_rounds + 1):
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             record = self._run_round(round_index, ignore_keys_for_eval)
             record["wall_time"] = time.time() - start_time
             self.server.add_record(record)
             self.state.global_step = round_index
             self.log(loggable_items(record))
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            if self.server.is_checkpoint_round(round_index):
+            if self.server.is_evaluation_round(round_index):
+                # as in the Trainer: callbacks see the previous best (EarlyStoppingCallback compares with it)
+                metrics = {key: value for key, value in scalar_items(record).items() if key.startswith("eval_")}
+                self.control = self.callback_handler.on_evaluate(args, self.state, self.control, metrics)
+                self._track_best_round(record)
+            stopping = self.control.should_training_stop and round_index < args.num_rounds
+            if self.server.is_checkpoint_round(round_index) or (stopping and args.save_every_rounds):
                 self._save_federation_checkpoint(round_index)
+                self.control = self.callback_handler.on_save(args, self.state, self.control)
+            if stopping:
+                logger.warning("A callback stopped the federation after round %d of %d.", round_index, args.num_rounds)
+                break
+        if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_round(Path(self.state.best_model_checkpoint))
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         losses = [record["train_loss"] for record in self.history if math.isfinite(record.get("train_loss", math.nan))]
         metrics = scalar_items(self.history[-1]) if self.history else {}
@@ -341,46 +358,6 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
             parts.append(part)
         return concatenate_datasets(parts)
 
-    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.push_to_hub`, uploading only what is meant to be shared: the final (global) adapter, the
-        tokenizer, `training_args.json` and the model card.
-
-        The plain Trainer uploads the whole `output_dir`, which here holds every `round-*/` checkpoint (RNG states,
-        client lists, per-client histories and states) and the example's label heatmap: each client's label
-        distribution, which C2A keeps on the client. This one stages the shareable files in
-        `output_dir/_shareable/` and uploads that folder.
-        """
-        original = self.args.output_dir
-        kwargs.setdefault("model_name", Path(original).name if self.args.hub_model_id is None else None)
-        if kwargs["model_name"] is None:
-            kwargs.pop("model_name")
-        staging = Path(original) / SHAREABLE_DIR
-        if self.is_world_process_zero():
-            shutil.rmtree(staging, ignore_errors=True)
-        self.args.output_dir = str(staging)
-        try:
-            return super().push_to_hub(*args, **kwargs)
-        finally:
-            self.args.output_dir = original
-
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        """`Trainer.save_model`'s writer, with the arguments saved as JSON instead of a pickled `training_args.bin`
-        (so nothing this package writes needs unpickling to read) and the federation's model card."""
-        super()._save(output_dir, state_dict=state_dict)
-        if self.args.should_save:
-            target = Path(output_dir if output_dir is not None else self.args.output_dir)
-            (target / "training_args.bin").unlink(missing_ok=True)
-            (target / "training_args.json").write_text(self.args.to_json_string())
-            self.create_model_card(output_dir=str(target))
-
-    def create_model_card(self, *args: Any, output_dir: Optional[str] = None, **kwargs: Any) -> None:
-        """Write `README.md`: the federated adapter's card (`model_card.federated_model_card`: tags, how to load
-        it with a descriptor, the federation's settings and final scores over clients) instead of the Trainer's."""
-        if not self.is_world_process_zero():
-            return
-        card = federated_model_card(self.model, self.args, self.history, len(self.clients))
-        (Path(output_dir or self.args.output_dir) / "README.md").write_text(card)
-
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
     def _save_federation_checkpoint(self, round_index: int) -> None:
@@ -407,8 +384,53 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
             }
             # the global state is in the model now, so PeftModel.save_pretrained writes the global adapter
             write_extra = self.model.save_pretrained if isinstance(self.model, PeftModel) else None
-            self.server.save_checkpoint(round_index, tensors, meta, write_extra)
+            keep_round = self.state.best_global_step if args.metric_for_best_model else None
+            self.server.save_checkpoint(round_index, tensors, meta, write_extra, keep_round=keep_round)
         self.accelerator.wait_for_everyone()
+        self._track_best_round()  # the best round may have a checkpoint now
+
+    def _track_best_round(self, record: Optional[Mapping[str, Any]] = None) -> None:
+        """Set the Trainer's `state.best_metric`, `best_global_step` (the best round) and `best_model_checkpoint`
+        from the history by `metric_for_best_model` (`best_round.best_evaluation`); `record`, an evaluation just
+        made, must hold that metric."""
+        metric = self.args.metric_for_best_model
+        if metric is None:
+            return
+        if record is not None:
+            check_metric_present(record, metric)
+        best = best_evaluation(self.history, metric, bool(self.args.greater_is_better))
+        if best is None:
+            return
+        self.state.best_global_step, self.state.best_metric = best
+        folder = checkpoint_dir(self.args.output_dir, best[0])
+        self.state.best_model_checkpoint = str(folder) if folder.is_dir() else None
+
+    def _load_best_round(self, path: Path) -> None:
+        """`load_best_model_at_end`: the best round's global state (and the clients' own tensors of that round)
+        become the model's; the history and the checkpoints stay as they are."""
+        checkpoint = self.server.read_checkpoint(path)
+        self._restore_states(checkpoint, path)
+        self.load_trainable_state(self.client_state(None, self.global_state))
+        logger.warning(
+            "Loaded the best round (%d, %s = %.4f) from %s.",
+            self.state.best_global_step,
+            self.args.metric_for_best_model,
+            self.state.best_metric,
+            path,
+        )
+
+    def _restore_states(self, checkpoint: ServerCheckpoint, path: Path) -> None:
+        """The model's, the server's and the clients' trainable states from `checkpoint` (already verified)."""
+        meta, tensors = checkpoint.meta, checkpoint.tensors
+        try:
+            load_trainable_state(self.model, checkpoint.global_state, keep=self.private_keys)
+        except ValueError as error:
+            raise CheckpointError(f"Checkpoint {path} does not fit this model: {error}") from error
+        self.server.global_state = dict(checkpoint.global_state)
+        self.client_states = unindexed_states(tensors.get(CLIENT_STATES_FILE, {}), meta.get("client_state_order", []))
+        self.client_private_states = unindexed_states(
+            tensors.get(CLIENT_PRIVATE_FILE, {}), meta.get("client_private_order", [])
+        )
 
     def _load_federation_checkpoint(self, path: Path) -> int:
         """Restore everything from checkpoint `path`; return its round. Raises `CheckpointError` on any mismatch,
@@ -422,15 +444,8 @@ class FederatedTrainer(ServerBacked, FederatedEvaluation, LocalTraining, Trainer
         missing = [name for name in needed if name not in tensors]
         if missing:
             raise CheckpointError(f"Checkpoint {path} lacks {missing}: it is incomplete.")
-        try:
-            load_trainable_state(self.model, checkpoint.global_state, keep=self.private_keys)
-        except ValueError as error:
-            raise CheckpointError(f"Checkpoint {path} does not fit this model: {error}") from error
+        self._restore_states(checkpoint, path)
         round_index = self.server.restore(checkpoint)
-        self.client_states = unindexed_states(tensors.get(CLIENT_STATES_FILE, {}), meta.get("client_state_order", []))
-        self.client_private_states = unindexed_states(
-            tensors.get(CLIENT_PRIVATE_FILE, {}), meta.get("client_private_order", [])
-        )
         if carries_optimizer:
             self._local_optimizer(1)
             state = optimizer_from_tensors(tensors[OPTIMIZER_FILE], meta["local_optimizer"])
