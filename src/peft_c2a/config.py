@@ -152,6 +152,11 @@ class C2AConfig(_AdapterSitesConfig):
             while training, uniform when missing at inference): it feeds the label term and the logit adjustment.
             Unset on a `SEQ_CLS` / `TOKEN_CLS` model, it is taken from the classifier (`model.config.num_labels`);
             leave it unset for language modelling.
+        label_names (`list[str]`, *optional*):
+            The classes' names in id order. Unset, they are taken from the model's `id2label` when it names its
+            classes. Saved with the adapter so that loading it (`AutoPeftModelForSequenceClassification
+            .from_pretrained(path)`, no extra arguments) restores `id2label` on a base model that had no such head:
+            that load sizes the base model's classifier to `num_labels` when the head is saved with the adapter.
         num_clients (`int`, *optional*):
             Set, it adds a learned per-client embedding selected with `client_ids=` (ids in `[0, num_clients)`).
             `FederatedTrainer` keeps each client's row on that client: it is never averaged by the server.
@@ -196,6 +201,9 @@ class C2AConfig(_AdapterSitesConfig):
             "TOKEN_CLS model, it is taken from the model's classifier (`config.num_labels`)."
         },
     )
+    label_names: Optional[list[str]] = field(
+        default=None, metadata={"help": "The classes' names in id order (default: the model's id2label, if named)."}
+    )
     num_clients: Optional[int] = field(
         default=None, metadata={"help": "Number of known clients; enables a learned client-id embedding."}
     )
@@ -229,3 +237,9 @@ class C2AConfig(_AdapterSitesConfig):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value}.")
+        if self.label_names is not None:
+            self.label_names = [str(name) for name in self.label_names]
+            if self.num_labels is not None and len(self.label_names) != self.num_labels:
+                raise ValueError(
+                    f"`label_names` has {len(self.label_names)} names but `num_labels` is {self.num_labels}."
+                )

@@ -9,6 +9,7 @@ that consumes the `label_distribution=` / `client_ids=` keyword arguments.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -19,9 +20,12 @@ from torch import nn
 
 from .conditioning import DESCRIPTOR_KWARGS, C2AConditioning, bind_forward_arguments
 from .config import C2AConfig, _AdapterSitesConfig
+from .heads import resize_classifier_head
 from .hypernetwork import C2AHyperNetwork, refuse_first_version_state
 from .layer import BottleneckAdapterLayer, C2ALayer
 from .sites import TARGET_MODULES_BY_MODEL_TYPE, is_adaptable, out_features, plan_sites, unknown_architecture_error
+
+logger = logging.getLogger(__name__)
 
 
 class _BottleneckTunerBase(BaseTuner):
@@ -162,15 +166,26 @@ class C2AModel(_BottleneckTunerBase):
         if config.num_labels is None and config.task_type in CLASSIFICATION_TASKS and model_labels:
             # a classifier's clients are described by their label distribution over the classes it predicts
             config.num_labels = int(model_labels)
-        if config.num_labels is not None and config.task_type in ("SEQ_CLS", "TOKEN_CLS") and model_labels is not None:
-            if model_labels != config.num_labels:
+        if config.task_type in CLASSIFICATION_TASKS and model_labels and model_labels != config.num_labels:
+            # the head is the adapter's (`modules_to_save`: saved with it, loaded from it), so size it to the adapter
+            heads = config.modules_to_save or ()
+            if not (heads and resize_classifier_head(model, heads, config.num_labels, config.label_names)):
                 raise ValueError(
                     f"C2AConfig(num_labels={config.num_labels}) does not match the model's {model_labels} labels; the "
-                    "label distribution must describe the classes the model predicts. Loading a saved adapter? Build "
-                    f"the base model with num_labels={config.num_labels}: e.g. AutoPeftModelForSequenceClassification"
-                    f".from_pretrained(path, num_labels={config.num_labels}), or AutoModelForSequenceClassification"
-                    f".from_pretrained(base, num_labels={config.num_labels}) before PeftModel.from_pretrained."
+                    "label distribution must describe the classes the model predicts. Build the base model with "
+                    f"num_labels={config.num_labels}: e.g. AutoModelForSequenceClassification.from_pretrained(base, "
+                    f"num_labels={config.num_labels}) before get_peft_model / PeftModel.from_pretrained."
                 )
+            # loading for inference is the usual case and is quiet; a trainable head is fresh and should be known
+            log = logger.info if config.inference_mode else logger.warning
+            log(
+                "Sized the model's classifier from %d to C2AConfig's %d labels: its weights are the adapter's when "
+                "one is loaded, else it is trained from scratch.",
+                model_labels,
+                config.num_labels,
+            )
+        if config.label_names is None and config.task_type in CLASSIFICATION_TASKS:
+            config.label_names = _named_labels(getattr(model, "config", None), config.num_labels)
         plan = plan_sites(model, targets, config.use_context, config.causal_context)
         hidden_size = out_features(targets[0][1])
         num_layers = 1 + max(site.layer_id for site in plan.values())
@@ -400,6 +415,17 @@ class C2AModel(_BottleneckTunerBase):
 
 
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+
+
+def _named_labels(model_config: Any, num_labels: Optional[int]) -> Optional[list[str]]:
+    """The model's class names in id order, unless it has none but the default `LABEL_{i}` ones."""
+    id2label = getattr(model_config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(num_labels or 0)]
+    if not names or not all(names) or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names
+
+
 # Attribute names of the module that outputs the class scores, across transformers' classification models.
 CLASSIFICATION_HEAD_NAMES = ("classifier", "score", "classification_head")
 

@@ -236,16 +236,18 @@ def test_corrupt_adapter_file_raises_and_model_is_unchanged(trained_c2a, tmp_pat
     assert all(torch.equal(param, copy_) for param, copy_ in originals)
 
 
-def test_loading_into_a_base_with_other_labels_says_what_to_pass(tiny_bert, tmp_path):
+def test_loading_into_a_base_with_other_labels_sizes_its_head(tiny_bert, tmp_path):
     from transformers import BertForSequenceClassification
 
     from ..conftest import tiny_bert_config
 
-    get_peft_model(tiny_bert, C2AConfig(task_type="SEQ_CLS", num_labels=NUM_LABELS, bottleneck_dim=4)).save_pretrained(
-        tmp_path
-    )
+    encoder = {k: v.clone() for k, v in tiny_bert.state_dict().items() if not k.startswith("classifier")}
+    saved = get_peft_model(tiny_bert, C2AConfig(task_type="SEQ_CLS", num_labels=NUM_LABELS, bottleneck_dim=4))
+    saved.save_pretrained(tmp_path)
     two_labels = BertForSequenceClassification(tiny_bert_config(num_labels=2))
-    with pytest.raises(ValueError, match=rf"from_pretrained\(path, num_labels={NUM_LABELS}\)"):
-        PeftModel.from_pretrained(two_labels, tmp_path)
-    loaded = PeftModel.from_pretrained(BertForSequenceClassification(tiny_bert_config()), tmp_path)
-    assert loaded.peft_config["default"].num_labels == NUM_LABELS
+    two_labels.load_state_dict(encoder, strict=False)  # the same encoder under a 2-label head
+    loaded = PeftModel.from_pretrained(two_labels, tmp_path)
+    assert loaded.peft_config["default"].num_labels == NUM_LABELS and loaded.config.num_labels == NUM_LABELS
+    input_ids = torch.randint(1, 50, (2, 6))
+    saved.eval()
+    torch.testing.assert_close(loaded(input_ids=input_ids).logits, saved(input_ids=input_ids).logits, rtol=0, atol=0)

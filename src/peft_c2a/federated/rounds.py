@@ -112,7 +112,7 @@ def screen_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, to
 
 
 # fields of a PEFT config that do not change what is trained (where the base model was loaded from, how it is served)
-_VOLATILE_CONFIG_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
+_VOLATILE_CONFIG_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "label_names")
 
 
 def adapter_fingerprint(model: nn.Module) -> Optional[dict[str, Any]]:
