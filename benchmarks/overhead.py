@@ -211,6 +211,12 @@ def measure_memory(methods: list[str], batch_path: str, args: argparse.Namespace
     return results
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels, so that a wall-clock interval covers the step's work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_time(
     models: dict[str, nn.Module], inputs: dict[str, dict[str, torch.Tensor]], steps: int, warmup: int
 ) -> dict[str, list[float]]:
@@ -218,11 +224,14 @@ def measure_time(
     methods = list(models)
     optimizers = {m: make_optimizer(models[m]) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
+    device = next(iter(models.values())).device
     for round_index in range(warmup + steps):
         shift = round_index % len(methods)
         for method in methods[shift:] + methods[:shift]:
+            synchronize(device)
             start = time.perf_counter()
             train_step(models[method], optimizers[method], inputs[method])
+            synchronize(device)
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 times[method].append(elapsed)
@@ -230,6 +239,26 @@ def measure_time(
             label = "warm-up" if round_index < warmup else f"round {round_index - warmup + 1}/{steps}"
             print(f"  {label} done", flush=True)
     return times
+
+
+def cuda_peak_memory(
+    models: dict[str, nn.Module], inputs: dict[str, dict[str, torch.Tensor]], steps: int
+) -> dict[str, float]:
+    """Per method, the peak CUDA memory allocated during `steps` training steps above what was allocated before
+    them (the models of all methods, their batches): activations, gradients and optimizer state, in MiB."""
+    peaks = {}
+    for method, model in models.items():
+        optimizer = make_optimizer(model)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            train_step(model, optimizer, inputs[method])
+        torch.cuda.synchronize()
+        peaks[method] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        del optimizer
+    return peaks
 
 
 def profile_steps(models: dict[str, nn.Module], inputs: dict[str, dict[str, torch.Tensor]], top: int) -> dict[str, str]:
@@ -336,6 +365,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--skip_bert_base", action="store_true", help="skip the BERT-base parameter counts")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models train (`cuda` on a GPU machine: timing synchronises, and peak memory is CUDA's "
+        "allocator peak measured in-process instead of the subprocesses' RSS)",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -373,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens = int(batch["attention_mask"].sum())
     print(f"batch: {tuple(batch['input_ids'].shape)} tokens, {tokens} non-padding", flush=True)
 
-    models = {m: build_model(m) for m in methods}
-    inputs = {m: model_inputs(m, batch) for m in methods}
+    device = torch.device(args.device)
+    models = {m: build_model(m).to(device) for m in methods}
+    inputs = {m: {k: v.to(device) for k, v in model_inputs(m, batch).items()} for m in methods}
     rows: dict[str, dict[str, Any]] = {m: parameter_counts(models[m]) for m in methods}
     for method in methods:
         rows[method]["saved_activation_mb"] = saved_activation_bytes(models[method], inputs[method]) / 2**20
@@ -387,13 +423,17 @@ def main(argv: list[str] | None = None) -> int:
             rows[method]["step_time_s"] = summarize(times[method])
             rows[method]["step_times_s"] = times[method]
 
+    if device.type == "cuda" and not args.skip_memory:
+        for method, peak in cuda_peak_memory(models, inputs, args.mem_steps).items():
+            rows[method]["peak_memory_mb"] = summarize([peak])
+
     if args.profile:
         for method, table in profile_steps(models, inputs, args.profile).items():
             print(f"\n### torch.profiler, {method}: 2 training steps, top {args.profile} ops by self CPU time\n{table}")
     del models
     gc.collect()
 
-    if not args.skip_memory:
+    if not args.skip_memory and device.type != "cuda":
         print(f"peak memory: {args.mem_repeats} fresh process(es) per method, {args.mem_steps} steps each", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             batch_path = str(Path(tmp) / "batch.pt")
@@ -436,9 +476,12 @@ def main(argv: list[str] | None = None) -> int:
             "mem_repeats": args.mem_repeats,
             "mem_steps": args.mem_steps,
             "threads": args.threads,
+            "device": str(device),
             "malloc_mmap_threshold": args.malloc_mmap_threshold,
             "optimizer": "AdamW lr=1e-3 over trainable parameters",
-            "memory_method": "fresh subprocess per method; peak RSS (VmHWM, reset via /proc/self/clear_refs after "
+            "memory_method": "CUDA allocator peak during mem_steps steps minus the memory allocated before them"
+            if device.type == "cuda"
+            else "fresh subprocess per method; peak RSS (VmHWM, reset via /proc/self/clear_refs after "
             "set-up) minus the RSS after set-up (model loaded and wrapped, optimizer built, batch loaded)",
         },
         "methods": rows,
