@@ -123,6 +123,10 @@ class FederatedTrainingArguments(TrainingArguments):
             example counts and bound what a minority of poisoned updates can do. One process only.
         trim_fraction (`float`, defaults to 0.2):
             Share of updates dropped at each end per coordinate by `"trimmed_mean"`, in `[0, 0.5)`.
+        log_client_scores (`bool`, defaults to `False`):
+            Also give the `report_to` integrations each client's accuracy and loss per evaluation and its training
+            loss per round (a curve per client, `reports.client_curves`). Off by default: with a remote integration
+            (W&B, ...) that per-client history would leave the machine; `history.json` always holds it locally.
     """
 
     num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds."})
@@ -181,6 +185,9 @@ class FederatedTrainingArguments(TrainingArguments):
         },
     )
     trim_fraction: float = field(default=0.2, metadata={"help": "Share trimmed at each end by trimmed_mean."})
+    log_client_scores: bool = field(
+        default=False, metadata={"help": "Log per-client curves to report_to integrations (they leave the machine)."}
+    )
 
     def __post_init__(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not _has_accelerator():

@@ -1,4 +1,5 @@
-"""What a client's part of a round came to (`ClientReport`), and the history record of a round's training.
+"""What a client's part of a round came to (`ClientReport`), the history record of a round's training, and the
+per-client scalars a record gives the Trainer's loggers.
 
 Both engines build reports -- `FederatedTrainer.train_client` in-process, the Flower strategy from a node's reply --
 and `FederationServer.finish_round` turns them into the round's record.
@@ -7,7 +8,7 @@ and `FederationServer.finish_round` turns them into the round's record.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -63,3 +64,16 @@ def round_record(round_index: int, sampled: Sequence[str], reports: Sequence[Cli
         "rejected_clients": {report.client: report.error for report in reports if report.status == "rejected"},
         "client_train_loss": {report.client: report.train_loss for report in usable},
     }
+
+
+def client_curves(record: Mapping[str, Any], scores: Sequence[str] = ("accuracy", "loss")) -> dict[str, float]:
+    """A history record's per-client numbers as flat scalars, so that loggers draw a curve per client:
+    `eval_clients/<name>/<score>` (own test split), `eval_unseen_clients/<name>/<score>` and
+    `clients/<name>/train_loss` (TensorBoard shows them as `eval/clients/...` and `train/clients/...`)."""
+    out: dict[str, float] = {}
+    for group in ("eval_clients", "eval_unseen_clients"):
+        for name, values in sorted((record.get(group) or {}).items()):
+            out.update({f"{group}/{name}/{score}": float(values[score]) for score in scores if score in values})
+    for name, loss in sorted((record.get("client_train_loss") or {}).items()):
+        out[f"clients/{name}/train_loss"] = float(loss)
+    return out

@@ -55,16 +55,11 @@ from .checkpoint import (
     rng_states_to_json,
     unindexed_states,
 )
-from .clients import (
-    ClientData,
-    build_clients,
-    data_fingerprint,
-    descriptor_spec,
-    expected_num_labels,
-)
+from .clients import ClientData, build_clients, data_fingerprint, descriptor_spec, expected_num_labels
 from .evaluation import FederatedEvaluation
 from .local_training import POOLED_CLIENT, LocalTraining, unwrap_optimizer
 from .metrics import loggable_items, scalar_items
+from .reports import client_curves
 from .rounds import (
     adapter_fingerprint,
     load_trainable_state,
@@ -260,7 +255,7 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
             record["wall_time"] = time.time() - start_time
             self.server.add_record(record)
             self.state.global_step = round_index
-            self.log(loggable_items(record))
+            self.log(loggable_items(record) | (client_curves(record) if args.log_client_scores else {}))
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
             if self.server.is_evaluation_round(round_index):
                 # as in the Trainer: callbacks see the previous best (EarlyStoppingCallback compares with it)
