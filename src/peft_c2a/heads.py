@@ -1,4 +1,5 @@
-"""Sizing a classification head to the classes a saved adapter was trained for.
+"""Classification heads: finding the one that outputs the class scores, its class names, and sizing it to the
+classes a saved adapter was trained for.
 
 A C2A classifier's label term and logit adjustment are over `num_labels` classes, and PEFT saves the task head
 (`classifier`, `score`, ...) with the adapter (`modules_to_save`). Loading such an adapter onto a base model that has a
@@ -10,7 +11,7 @@ output layer at the adapter's size before the weights are loaded; this module do
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from torch import nn
 
@@ -49,3 +50,25 @@ def resize_classifier_head(
         config.id2label = dict(enumerate(names))
         config.label2id = {name: i for i, name in enumerate(names)}
     return replaced
+
+
+def named_labels(model_config: Any, num_labels: Optional[int]) -> Optional[list[str]]:
+    """The model's class names in id order, unless it has none but the default `LABEL_{i}` ones."""
+    id2label = getattr(model_config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(num_labels or 0)]
+    if not names or not all(names) or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names
+
+
+# Attribute names of the module that outputs the class scores, across transformers' classification models.
+CLASSIFICATION_HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+def classification_head(model: nn.Module) -> Optional[nn.Module]:
+    """The module whose output is the class scores (where C2A's logit adjustment is added), if the model has one."""
+    for name in CLASSIFICATION_HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None

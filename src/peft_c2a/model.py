@@ -10,8 +10,10 @@ that consumes the `label_distribution=` / `client_ids=` keyword arguments.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 
 from .conditioning import DESCRIPTOR_KWARGS, C2AConditioning, bind_forward_arguments
 from .config import C2AConfig, _AdapterSitesConfig
-from .heads import resize_classifier_head
+from .heads import classification_head, named_labels, resize_classifier_head
 from .hypernetwork import C2AHyperNetwork, refuse_first_version_state
 from .layer import BottleneckAdapterLayer, C2ALayer
 from .sites import TARGET_MODULES_BY_MODEL_TYPE, is_adaptable, out_features, plan_sites, unknown_architecture_error
@@ -185,7 +187,7 @@ class C2AModel(_BottleneckTunerBase):
                 config.num_labels,
             )
         if config.label_names is None and config.task_type in CLASSIFICATION_TASKS:
-            config.label_names = _named_labels(getattr(model, "config", None), config.num_labels)
+            config.label_names = named_labels(getattr(model, "config", None), config.num_labels)
         plan = plan_sites(model, targets, config.use_context, config.causal_context)
         hidden_size = out_features(targets[0][1])
         num_layers = 1 + max(site.layer_id for site in plan.values())
@@ -284,7 +286,7 @@ class C2AModel(_BottleneckTunerBase):
         def hook_classification_head() -> None:
             # PEFT wraps the head in a ModulesToSaveWrapper after injection, so the hook goes on whatever module is
             # the head at forward time (and moves if the head is replaced)
-            head = _classification_head(model)
+            head = classification_head(model)
             if head is self._c2a_hooked_head:
                 return
             if self._c2a_head_hook is not None:
@@ -368,6 +370,19 @@ class C2AModel(_BottleneckTunerBase):
         with self._c2a_conditioning.descriptor(label_distribution=label_distribution, client_ids=client_ids):
             return self._c2a_model_generate(*args, **kwargs)
 
+    def export_adapter(
+        self,
+        save_directory: str | os.PathLike,
+        label_distribution: Any = None,
+        client_ids: Any = None,
+        adapter_name: str = "default",
+    ) -> Path:
+        """Write one client's adapter as a static `BOTTLENECK` adapter that `PeftModel.from_pretrained` loads
+        (`peft_c2a.export.export_bottleneck_adapter`): exact for adapters without the context term."""
+        from .export import export_bottleneck_adapter  # export builds on this module
+
+        return export_bottleneck_adapter(self, save_directory, label_distribution, client_ids, adapter_name)
+
     def _c2a_layers(self) -> Iterator[C2ALayer]:
         return (module for module in self.model.modules() if isinstance(module, C2ALayer))
 
@@ -415,27 +430,6 @@ class C2AModel(_BottleneckTunerBase):
 
 
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
-
-
-def _named_labels(model_config: Any, num_labels: Optional[int]) -> Optional[list[str]]:
-    """The model's class names in id order, unless it has none but the default `LABEL_{i}` ones."""
-    id2label = getattr(model_config, "id2label", None) or {}
-    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(num_labels or 0)]
-    if not names or not all(names) or names == [f"LABEL_{i}" for i in range(len(names))]:
-        return None
-    return names
-
-
-# Attribute names of the module that outputs the class scores, across transformers' classification models.
-CLASSIFICATION_HEAD_NAMES = ("classifier", "score", "classification_head")
-
-
-def _classification_head(model: nn.Module) -> Optional[nn.Module]:
-    for name in CLASSIFICATION_HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    return None
 
 
 def _repeat_rows(value: Any, repeats: int, per_prompt_dims: int) -> Any:
