@@ -114,3 +114,42 @@ def _last(history: list[dict[str, Any]], key: str) -> Any:
         if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
             return value
     return None
+
+
+def client_adapter_card(
+    config: Any, client: str, label_counts: Any, label_names: Optional[list[str]], scores: dict[str, float]
+) -> str:
+    """The card of one client's exported adapter (`FederatedTrainer.export_client_adapters`): the descriptor it was
+    generated from (label counts, never examples) and the client's personalised scores. Unlike the federation's card
+    it describes one client: it is for that client (or its operator) to keep or share."""
+    base = base_model_id(getattr(config, "base_model_name_or_path", None))
+    lines = ["---", "library_name: peft"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += ["tags:"] + [f"- {tag}" for tag in TAGS] + ["- personalised", "---", ""]
+    lines += [
+        f"# The personalised adapter of client `{client}`",
+        "",
+        "A static bottleneck adapter generated once by a federated C2A hypernetwork for this client's descriptor "
+        "(peft-c2a's `export_adapter`): it gives the C2A model's outputs for this client without the hypernetwork.",
+        "",
+        "```python",
+        "import peft_c2a  # registers the BOTTLENECK adapter type with PEFT",
+        "from peft import PeftModel",
+        "",
+        'model = PeftModel.from_pretrained(base_model, "path/to/this/folder")  # no descriptor needed',
+        "```",
+        "",
+        "## Generated from",
+        "",
+    ]
+    if label_counts is not None:
+        names = label_names or [str(i) for i in range(len(label_counts))]
+        lines += ["| class | training examples |", "|---|---|"]
+        lines += [f"| {name} | {int(count)} |" for name, count in zip(names, label_counts, strict=True)]
+    else:
+        lines.append("No label term: the adapter depends on the layer and site only.")
+    if scores:
+        lines += ["", "## This client's scores on its own test split", "", "| score | value |", "|---|---|"]
+        lines += [f"| {key} | {value:.4f} |" for key, value in scores.items()]
+    return "\n".join(lines) + "\n"
