@@ -16,6 +16,9 @@ from peft.config import PeftConfig
 
 C2A_PEFT_TYPE = "C2A"
 BOTTLENECK_PEFT_TYPE = "BOTTLENECK"
+ADAPTER_KINDS = ("bottleneck", "lora")
+# task types whose outputs are class scores: C2A's label term and logit adjustment are over these classes
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
 @dataclass
@@ -190,6 +193,16 @@ class C2AConfig(_AdapterSitesConfig):
             Extra modules to train fully and save with the adapter (the task head is added by PEFT).
         init_seed (`int`, *optional*):
             Seed for the hypernetwork's initialisation; set it so every federated client builds the same start.
+        adapter_kind (`str`, defaults to `"bottleneck"`):
+            What the hypernetwork generates. `"bottleneck"`: the bottleneck adapters above, on output projections.
+            `"lora"`: LoRA factors `A` (`r x d_in`) and `B` (`d_out x r`) for each target linear module, applied as
+            `base(x) + lora_alpha / r * B A x` (PEFT's LoRA, `bias="none"`; `B` starts at zero). Default targets are
+            PEFT's LoRA defaults for the architecture (`query` / `value` for BERT). Each target of each block gets
+            its own site embedding. A client's generated LoRA exports as a plain PEFT `LoraConfig` adapter that
+            merges into the base weights (`export_adapter`, context term off); `bottleneck_dim` is its rank `r`,
+            `adapter_activation` is unused.
+        lora_alpha (`float`, defaults to 8.0):
+            LoRA's `alpha` for `adapter_kind="lora"`: the update is scaled by `lora_alpha / bottleneck_dim`.
     """
 
     client_embed_dim: int = field(default=8, metadata={"help": "Size k of the client embedding."})
@@ -222,6 +235,14 @@ class C2AConfig(_AdapterSitesConfig):
         default=None, metadata={"help": "Causal running-mean context; inferred from the model when unset."}
     )
     init_seed: Optional[int] = field(default=None, metadata={"help": "Seed for the hypernetwork initialisation."})
+    adapter_kind: str = field(
+        default="bottleneck",
+        metadata={
+            "help": "What the hypernetwork generates: bottleneck adapters, or LoRA factors (exportable, mergeable).",
+            "choices": list(ADAPTER_KINDS),
+        },
+    )
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha for adapter_kind='lora' (scale alpha / r)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -237,6 +258,10 @@ class C2AConfig(_AdapterSitesConfig):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value}.")
+        if self.adapter_kind not in ADAPTER_KINDS:
+            raise ValueError(f"`adapter_kind` must be one of {ADAPTER_KINDS}, got {self.adapter_kind!r}.")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"`lora_alpha` must be a finite number > 0, got {self.lora_alpha}.")
         if self.label_names is not None:
             self.label_names = [str(name) for name in self.label_names]
             if self.num_labels is not None and len(self.label_names) != self.num_labels:

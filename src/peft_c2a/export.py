@@ -1,10 +1,11 @@
-"""Exporting one client's C2A adapter as a static bottleneck adapter: generate once, serve without the hypernetwork.
+"""Exporting one client's C2A adapter as a static adapter: generate once, serve without the hypernetwork.
 
 A C2A adapter's weights are a function of the client descriptor (and, with the context term, of each input). For a
 fixed client and `use_context=False` they are constants: at every site `W_down`, `W_up` follow from the client's
 embedding `e = normalize(site term + descriptor term)`, and the logit adjustment is a constant vector added to the
-class scores. The export writes exactly that as a plain `BOTTLENECK` adapter folder: the generated matrices as the
-adapter's learned weights, C2A's adapter biases as its biases, and the logit adjustment folded into the bias of the
+class scores. The export writes exactly that as a plain `BOTTLENECK` adapter folder (C2A-LoRA: a plain PEFT `LoRA`
+folder, which loads without peft-c2a and merges into the base weights): the generated matrices as the adapter's
+learned weights, C2A's adapter biases as its biases, and the logit adjustment folded into the bias of the
 classifier's output layer (saved with the adapter, as PEFT saves every task head). Loading it with
 `PeftModel.from_pretrained` reproduces the C2A model's outputs for that client without the hypernetwork's work.
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from peft import LoraConfig
 from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import save_file
 from torch import nn
@@ -31,14 +33,15 @@ from .layer import C2ALayer
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def export_bottleneck_adapter(
+def export_static_adapter(
     tuner: nn.Module,
     save_directory: str | os.PathLike,
     label_distribution: Any = None,
     client_ids: Any = None,
     adapter_name: str = "default",
 ) -> Path:
-    """Write client's static `BOTTLENECK` adapter (see the module docstring) to `save_directory`; return it.
+    """Write the client's static adapter (`BOTTLENECK`, or `LORA` for C2A-LoRA; see the module docstring) to
+    `save_directory`; return it.
 
     Args:
         tuner: the `C2AModel` (a `PeftModel`'s `base_model`).
@@ -66,6 +69,7 @@ def export_bottleneck_adapter(
         if ids.numel() != 1:
             raise ValueError(f"Export one client at a time: got {ids.numel()} client ids.")
 
+    lora = config.adapter_kind == "lora"
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         descriptor = hyper.descriptor_embedding(probs, ids)
@@ -78,10 +82,16 @@ def export_bottleneck_adapter(
                 terms = terms + descriptor[0]
             embedding = hyper.client_embedding_from_terms(terms)
             prefix = f"base_model.model.{name}"
-            # nn.Linear stores (out, in): W_down is d x r, so its Linear(d, r) weight is r x d, and the other way up
-            tensors[f"{prefix}.bottleneck_down.weight"] = torch.einsum("k,krd->rd", embedding, gen_down)
+            base = layer.get_base_layer()
+            # narrowed to this site's widths, as the layer does; nn.Linear stores (out, in)
+            down = torch.einsum("k,krd->rd", embedding, gen_down[..., : base.in_features if lora else None])
+            up = torch.einsum("k,krd->dr", embedding, gen_up[..., : layer.out_features])
+            if lora:  # A = W_down^T (r x d_in), B = W_up^T (d_out x r); the scale is LoraConfig's alpha / r
+                tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = down, up
+                continue
+            tensors[f"{prefix}.bottleneck_down.weight"] = down
             tensors[f"{prefix}.bottleneck_down.bias"] = layer.c2a_down_bias[adapter_name]
-            tensors[f"{prefix}.bottleneck_up.weight"] = torch.einsum("k,krd->dr", embedding, gen_up)
+            tensors[f"{prefix}.bottleneck_up.weight"] = up
             tensors[f"{prefix}.bottleneck_up.bias"] = layer.c2a_up_bias[adapter_name]
         offsets = None
         if label_distribution is not None and hyper.logit_adjustment > 0:  # the unknown client's offsets are zero
@@ -90,20 +100,32 @@ def export_bottleneck_adapter(
 
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    static = BottleneckAdapterConfig(
+    sites = dict(
         task_type=config.task_type,
         target_modules=config.target_modules,
         exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
-        bottleneck_dim=config.bottleneck_dim,
-        adapter_activation=config.adapter_activation,
-        adapter_dropout=config.adapter_dropout,
         modules_to_save=sorted(set(config.modules_to_save)) if config.modules_to_save else None,
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,
         inference_mode=True,
     )
+    if lora:
+        static = LoraConfig(
+            r=config.bottleneck_dim,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.adapter_dropout,
+            bias="none",
+            **sites,
+        )
+    else:
+        static = BottleneckAdapterConfig(
+            bottleneck_dim=config.bottleneck_dim,
+            adapter_activation=config.adapter_activation,
+            adapter_dropout=config.adapter_dropout,
+            **sites,
+        )
     static.save_pretrained(str(save_directory))
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
     save_file(tensors, str(save_directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})

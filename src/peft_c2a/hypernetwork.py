@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import CLASSIFICATION_TASKS, C2AConfig
 from .sites import NUM_SITE_KINDS
 
 # The context projection starts this much weaker than the label, layer and site terms.
@@ -45,7 +46,7 @@ class C2AHyperNetwork(nn.Module):
     """Generates bottleneck-adapter weights from client embeddings; one instance per adapter name.
 
     Args:
-        hidden_size: width `d` of the adapted hidden states.
+        hidden_size: width `d` of the adapted hidden states (C2A-LoRA: the widest input of a target module).
         bottleneck_dim: adapter width `r`.
         client_embed_dim: size `k` of the client embedding.
         hyper_latent_dim: factorisation width `m`.
@@ -58,6 +59,9 @@ class C2AHyperNetwork(nn.Module):
         logit_adjustment, logit_adjustment_eps: `tau` and `eps` of `tau * log(p + eps)`, added to the class scores
             by the tuner (`tau = 0`: nothing is added). Plain attributes: they configure, they do not train.
         generator: optional RNG for a reproducible initialisation.
+        output_size: width of what the up generator produces, if not `hidden_size` (C2A-LoRA: the widest output of a
+            target module; a narrower site uses the first columns of both generators).
+        num_site_kinds: rows of the site embedding (C2A-LoRA has one kind per target module name and block part).
     """
 
     def __init__(
@@ -74,10 +78,13 @@ class C2AHyperNetwork(nn.Module):
         logit_adjustment: float = 0.0,
         logit_adjustment_eps: float = 0.01,
         generator: Optional[torch.Generator] = None,
+        output_size: Optional[int] = None,
+        num_site_kinds: int = NUM_SITE_KINDS,
     ) -> None:
         super().__init__()
         d, r, k, m = hidden_size, bottleneck_dim, client_embed_dim, hyper_latent_dim
-        self.hidden_size, self.bottleneck_dim, self.client_embed_dim = d, r, k
+        d_out = output_size or hidden_size
+        self.hidden_size, self.output_size, self.bottleneck_dim, self.client_embed_dim = d, d_out, r, k
         self.num_labels, self.num_clients = num_labels, num_clients
         self.logit_adjustment = logit_adjustment if num_labels else 0.0
         self.logit_adjustment_eps = logit_adjustment_eps
@@ -91,7 +98,7 @@ class C2AHyperNetwork(nn.Module):
         self.client_embedding = normal(num_clients, k, std=embed_std) if num_clients else None
         self.context_weight = normal(k, d, std=CONTEXT_INIT_SCALE * embed_std) if use_context else None
         self.layer_embedding = normal(num_layers, k, std=embed_std)
-        self.site_embedding = normal(NUM_SITE_KINDS, k, std=embed_std)
+        self.site_embedding = normal(num_site_kinds, k, std=embed_std)
 
         # The factors are stored at unit scale and scaled in `generators()`: Adam moves every entry by ~lr whatever
         # its scale, so unit-scale storage keeps the factors' relative drift (and the compounding of F and S moving
@@ -99,13 +106,36 @@ class C2AHyperNetwork(nn.Module):
         self.down_factor = normal(k * r, m, std=1.0)
         self.down_basis = normal(m, d, std=1.0)
         self.up_factor = normal(k * r, m, std=1.0)
-        self.up_basis = nn.Parameter(torch.zeros(m, d))
+        self.up_basis = nn.Parameter(torch.zeros(m, d_out))
 
         self.down_scale = math.sqrt(r)
         # One Adam step moves every entry of `up_basis` by ~lr; through a unit embedding and `up_factor / sqrt(m)`
         # that moves an entry of W_up by ~lr * sqrt(m / r) when the step follows the gradient, where a plain
         # adapter's moves by ~lr. UP_PATH_GAIN is the measured remainder (benchmarks/calibration.py).
         self.up_scale = UP_PATH_GAIN * math.sqrt(r / m) / math.sqrt(m)
+
+    @classmethod
+    def from_config(
+        cls, config: C2AConfig, hidden_size: int, output_size: int, num_layers: int, num_site_kinds: int
+    ) -> C2AHyperNetwork:
+        """The hypernetwork of a `C2AConfig` for sites of these widths (seeded by `init_seed`, if set)."""
+        generator = None if config.init_seed is None else torch.Generator().manual_seed(config.init_seed)
+        return cls(
+            hidden_size=hidden_size,
+            bottleneck_dim=config.bottleneck_dim,
+            client_embed_dim=config.client_embed_dim,
+            hyper_latent_dim=config.hyper_latent_dim,
+            num_layers=num_layers,
+            num_labels=config.num_labels,
+            num_clients=config.num_clients,
+            use_context=config.use_context,
+            use_label=config.use_label_term,
+            logit_adjustment=config.logit_adjustment if config.task_type in CLASSIFICATION_TASKS else 0.0,
+            logit_adjustment_eps=config.logit_adjustment_eps,
+            generator=generator,
+            output_size=output_size,
+            num_site_kinds=num_site_kinds,
+        )
 
     # ------------------------------------------------------------------ embeddings
     def descriptor_embedding(
@@ -128,7 +158,7 @@ class C2AHyperNetwork(nn.Module):
     def context_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         """Context term from mean-pooled adapter inputs `(..., d)`: L2-normalise, then project to `(..., k)`."""
         pooled = F.normalize(pooled, dim=-1, eps=1e-6)
-        return F.linear(pooled.to(self.context_weight.dtype), self.context_weight)
+        return F.linear(pooled.to(self.context_weight.dtype), self.context_weight[:, : pooled.shape[-1]])
 
     @staticmethod
     def client_embedding_from_terms(terms: torch.Tensor) -> torch.Tensor:
@@ -137,14 +167,14 @@ class C2AHyperNetwork(nn.Module):
 
     # ------------------------------------------------------------------ generators
     def generators(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scaled generator bases `(k, r, d)` of the down and the up projections.
+        """The scaled generator bases of the down `(k, r, d)` and the up projections `(k, r, d_out)`.
 
         `W_down(e) = einsum("k,krd->dr", e, down)` and `W_up(e) = einsum("k,krd->rd", e, up)` for a unit `e`.
         """
-        k, r, d = self.client_embed_dim, self.bottleneck_dim, self.hidden_size
-        down = (self.down_factor @ self.down_basis).view(k, r, d)
+        k, r = self.client_embed_dim, self.bottleneck_dim
+        down = (self.down_factor @ self.down_basis).view(k, r, self.hidden_size)
         down = down / down.flatten(1).norm(dim=1).clamp_min(1e-6).view(k, 1, 1)
-        up = (self.up_factor @ self.up_basis).view(k, r, d)
+        up = (self.up_factor @ self.up_basis).view(k, r, self.output_size)
         return down * self.down_scale, up * self.up_scale
 
     @torch.no_grad()

@@ -159,17 +159,30 @@ class C2ALayer(_BottleneckLayerBase):
 
     # ------------------------------------------------------------------ the adapter
     def _adapter_delta(self, hidden: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        act = self.adapter_act[adapter_name]
+        biases = (self.c2a_down_bias[adapter_name], self.c2a_up_bias[adapter_name])
+        return self._generated_delta(hidden, adapter_name, act, biases)
+
+    def _generated_delta(
+        self,
+        source: torch.Tensor,
+        adapter_name: str,
+        act: Any,
+        biases: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """`act(x W_down(e) + b1) W_up(e) + b2` of the adapter input `source` (dropout applied), with the client
+        embedding `e` of each example (or position) and the generators narrowed to this site's widths."""
         state = self._c2a_conditioning.state
         hyper = self._c2a_hypernets[adapter_name]
         layer_id, site = self.c2a_layer_id[adapter_name], self.c2a_site[adapter_name]
         dtype = hyper.down_factor.dtype
-        flat_shape = hidden.shape if hidden.dim() == 2 else None
+        flat_shape = source.shape if source.dim() == 2 else None
         if flat_shape is not None:
             # (batch, hidden), or tokens flattened to (batch * length, hidden) as OPT's feed-forward does
-            hidden = hidden.reshape(self._unflattened_batch(flat_shape[0]), -1, flat_shape[-1])
-        elif hidden.dim() != 3:
-            raise ValueError(f"C2A adapters expect (batch, length, hidden) inputs, got shape {tuple(hidden.shape)}.")
-        x = self.adapter_dropout[adapter_name](hidden.to(dtype))
+            source = source.reshape(self._unflattened_batch(flat_shape[0]), -1, flat_shape[-1])
+        elif source.dim() != 3:
+            raise ValueError(f"C2A adapters expect (batch, length, hidden) inputs, got shape {tuple(source.shape)}.")
+        x = self.adapter_dropout[adapter_name](source.to(dtype))
         batch, length = x.shape[0], x.shape[1]
 
         embedding = hyper.site_embedding_for(layer_id, site).unsqueeze(0)  # (1, k)
@@ -182,13 +195,13 @@ class C2ALayer(_BottleneckLayerBase):
                 )
             embedding = embedding + described.to(dtype)
         if hyper.context_weight is not None:
-            pooled = self._pooled_context(hidden, adapter_name, length)
+            pooled = self._pooled_context(source, adapter_name, length)
             embedding = (embedding.unsqueeze(1) if pooled.dim() == 3 else embedding) + hyper.context_embedding(pooled)
 
         embedding = hyper.client_embedding_from_terms(embedding)
         gen_down, gen_up = state.generators.get(adapter_name) or hyper.generators()  # (k, r, d) each, scaled
-        act = self.adapter_act[adapter_name]
-        down_bias, up_bias = self.c2a_down_bias[adapter_name], self.c2a_up_bias[adapter_name]
+        gen_down, gen_up = gen_down[..., : x.shape[-1]], gen_up[..., : self.out_features]
+        down_bias, up_bias = biases if biases is not None else (0.0, 0.0)
         if embedding.dim() == 2:
             # one client embedding per example: generate each example's matrices, then apply them batched
             w_down = torch.einsum("bk,krd->bdr", embedding, gen_down)
@@ -202,7 +215,7 @@ class C2ALayer(_BottleneckLayerBase):
             projected = torch.matmul(x, gen_down.permute(2, 0, 1).reshape(d, k * r)).view(batch, length, k, r)
             out = act(torch.einsum("btkr,btk->btr", projected, embedding) + down_bias)
             mixed = (embedding.unsqueeze(-1) * out.unsqueeze(-2)).reshape(batch, length, k * r)
-            out = torch.matmul(mixed, gen_up.reshape(k * r, d)) + up_bias
+            out = torch.matmul(mixed, gen_up.reshape(k * r, -1)) + up_bias
         return out.reshape(flat_shape[0], -1) if flat_shape is not None else out
 
     def _unflattened_batch(self, rows: int) -> int:
@@ -246,3 +259,40 @@ class C2ALayer(_BottleneckLayerBase):
             CachedContext(totals[:, -1].detach(), counts[:, -1].detach(), state.past_length + length),
         )
         return totals / counts.clamp_min(1.0)
+
+
+class C2ALoraLayer(C2ALayer):
+    """C2A-LoRA: LoRA factors the shared hypernetwork generates from the client embedding, on a linear module.
+
+    `base(x) + lora_alpha / r * B(e) A(e) dropout(x)` with `A(e) = W_down(e)^T` (`r x d_in`) and
+    `B(e) = W_up(e)^T` (`d_out x r`): the C2A generators, applied to the module's input instead of its output, with no
+    activation and no biases, so that a fixed client's update is exactly a LoRA update (and exports as one).
+    """
+
+    adapter_layer_names = ()
+    other_param_names = (*C2ALayer.other_param_names, "c2a_lora_scaling")
+
+    def update_layer(
+        self, adapter_name: str, config: C2AConfig, site: AdapterSite, inference_mode: bool = False
+    ) -> None:
+        if not hasattr(self, "c2a_lora_scaling"):
+            self.c2a_lora_scaling: dict[str, float] = {}
+        self.c2a_lora_scaling[adapter_name] = config.lora_alpha / config.bottleneck_dim
+        super().update_layer(adapter_name, config, site, inference_mode=inference_mode)
+        # the generated LoRA has no biases (PEFT's bias="none"): nothing of the layer's own trains or travels
+        del self.c2a_down_bias[adapter_name], self.c2a_up_bias[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.c2a_lora_scaling:
+                continue
+            delta = self._generated_delta(x, name, _identity, None) * self.c2a_lora_scaling[name]
+            result = result + delta.reshape(result.shape).to(result.dtype)
+        return result
+
+
+def _identity(value: torch.Tensor) -> torch.Tensor:
+    return value

@@ -21,11 +21,20 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .conditioning import DESCRIPTOR_KWARGS, C2AConditioning, bind_forward_arguments
-from .config import C2AConfig, _AdapterSitesConfig
+from .config import CLASSIFICATION_TASKS, C2AConfig, _AdapterSitesConfig
 from .heads import classification_head, named_labels, resize_classifier_head
 from .hypernetwork import C2AHyperNetwork, refuse_first_version_state
-from .layer import BottleneckAdapterLayer, C2ALayer
-from .sites import TARGET_MODULES_BY_MODEL_TYPE, is_adaptable, out_features, plan_sites, unknown_architecture_error
+from .layer import BottleneckAdapterLayer, C2ALayer, C2ALoraLayer
+from .sites import (
+    NUM_SITE_KINDS,
+    TARGET_MODULES_BY_MODEL_TYPE,
+    default_lora_targets,
+    in_features,
+    is_adaptable,
+    out_features,
+    plan_sites,
+    unknown_architecture_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +47,10 @@ class _BottleneckTunerBase(BaseTuner):
     def _prepare_adapter_config(self, peft_config: _AdapterSitesConfig, model_config: dict) -> _AdapterSitesConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
-            target_modules = self.target_module_mapping.get(model_type)
+            if getattr(peft_config, "adapter_kind", "bottleneck") == "lora":
+                target_modules = default_lora_targets(model_type)
+            else:
+                target_modules = self.target_module_mapping.get(model_type)
             if target_modules is None:
                 linear_names = [name for name, module in self.model.named_modules() if is_adaptable(module)]
                 raise unknown_architecture_error(model_type, linear_names)
@@ -188,12 +200,22 @@ class C2AModel(_BottleneckTunerBase):
             )
         if config.label_names is None and config.task_type in CLASSIFICATION_TASKS:
             config.label_names = named_labels(getattr(model, "config", None), config.num_labels)
-        plan = plan_sites(model, targets, config.use_context, config.causal_context)
-        hidden_size = out_features(targets[0][1])
-        num_layers = 1 + max(site.layer_id for site in plan.values())
+        lora = config.adapter_kind == "lora"
+        kinds = {other.adapter_kind for name, other in self.peft_config.items() if name != adapter_name}
+        if kinds - {config.adapter_kind}:
+            raise ValueError(
+                f"This model's C2A adapters are of kind {sorted(kinds)}; one model holds one `adapter_kind`."
+            )
+        plan = plan_sites(model, targets, config.use_context, config.causal_context, per_target_kinds=lora)
         # `add_adapter` and `load_adapter` call `inject_adapter` directly (not `_pre_injection_hook`), so the shared
         # hypernetwork is built here, after every check and before PEFT walks the model and creates the layers.
-        hypernetwork = self._build_hypernetwork(config, model, hidden_size, num_layers)
+        hypernetwork = C2AHyperNetwork.from_config(
+            config,
+            hidden_size=max((in_features if lora else out_features)(module) for _, module in targets),
+            output_size=max(out_features(module) for _, module in targets),
+            num_layers=1 + max(site.layer_id for site in plan.values()),
+            num_site_kinds=1 + max(site.kind for site in plan.values()) if lora else NUM_SITE_KINDS,
+        ).to(next((p.device for p in model.parameters()), torch.device("cpu")))
         if "c2a_hypernet" not in self._modules:
             self.c2a_hypernet = nn.ModuleDict()
             self.c2a_hypernet._register_load_state_dict_pre_hook(refuse_first_version_state)
@@ -216,29 +238,6 @@ class C2AModel(_BottleneckTunerBase):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._sync_hypernet_grad()
 
-    def _build_hypernetwork(
-        self, config: C2AConfig, model: nn.Module, hidden_size: int, num_layers: int
-    ) -> C2AHyperNetwork:
-        generator = None
-        if config.init_seed is not None:
-            generator = torch.Generator().manual_seed(config.init_seed)
-        hyper = C2AHyperNetwork(
-            hidden_size=hidden_size,
-            bottleneck_dim=config.bottleneck_dim,
-            client_embed_dim=config.client_embed_dim,
-            hyper_latent_dim=config.hyper_latent_dim,
-            num_layers=num_layers,
-            num_labels=config.num_labels,
-            num_clients=config.num_clients,
-            use_context=config.use_context,
-            use_label=config.use_label_term,
-            logit_adjustment=config.logit_adjustment if config.task_type in CLASSIFICATION_TASKS else 0.0,
-            logit_adjustment_eps=config.logit_adjustment_eps,
-            generator=generator,
-        )
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        return hyper.to(device)
-
     def _create_and_replace(
         self,
         peft_config: C2AConfig,
@@ -253,7 +252,8 @@ class C2AModel(_BottleneckTunerBase):
         if isinstance(target, C2ALayer):
             target.update_layer(adapter_name, peft_config, site, inference_mode=peft_config.inference_mode)
             return
-        new_module = C2ALayer(
+        layer_cls = C2ALoraLayer if peft_config.adapter_kind == "lora" else C2ALayer
+        new_module = layer_cls(
             target, adapter_name, peft_config, self.c2a_hypernet, self._c2a_conditioning, current_key, site
         )
         if adapter_name not in self.active_adapters:
@@ -377,11 +377,12 @@ class C2AModel(_BottleneckTunerBase):
         client_ids: Any = None,
         adapter_name: str = "default",
     ) -> Path:
-        """Write one client's adapter as a static `BOTTLENECK` adapter that `PeftModel.from_pretrained` loads
-        (`peft_c2a.export.export_bottleneck_adapter`): exact for adapters without the context term."""
-        from .export import export_bottleneck_adapter  # export builds on this module
+        """Write one client's adapter as a static adapter that `PeftModel.from_pretrained` loads: `BOTTLENECK`, or a
+        plain PEFT LoRA for `adapter_kind="lora"` (`peft_c2a.export.export_static_adapter`); exact for adapters
+        without the context term."""
+        from .export import export_static_adapter  # export builds on this module
 
-        return export_bottleneck_adapter(self, save_directory, label_distribution, client_ids, adapter_name)
+        return export_static_adapter(self, save_directory, label_distribution, client_ids, adapter_name)
 
     def _c2a_layers(self) -> Iterator[C2ALayer]:
         return (module for module in self.model.modules() if isinstance(module, C2ALayer))
@@ -427,9 +428,6 @@ class C2AModel(_BottleneckTunerBase):
         if marker in key:
             return key.replace(marker, "c2a_hypernet.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
-
-
-CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
 def _repeat_rows(value: Any, repeats: int, per_prompt_dims: int) -> Any:

@@ -1,6 +1,7 @@
 """Where adapters sit: default target modules per architecture, and what each adapted module is.
 
-An adapter site is the output projection of an attention block or of a feed-forward block. Each adapted module gets a
+A bottleneck adapter site is the output projection of an attention block or of a feed-forward block (C2A-LoRA's
+sites are the linear modules PEFT's LoRA targets). Each adapted module gets a
 *layer id* (which transformer block it belongs to) and a *site kind* (attention, feed-forward, cross-attention); the
 hypernetwork embeds both. Both are derived from module names alone, so the same model and config always give the same
 ids, which is what makes saved hypernetworks loadable.
@@ -132,19 +133,50 @@ def out_features(module: nn.Module) -> int:
     return _get_in_out_features(module)[1]
 
 
-def plan_sites(
-    model: nn.Module, targets: list[tuple[str, nn.Module]], use_context: bool, causal_context: Optional[bool]
-) -> dict[str, AdapterSite]:
-    """The `AdapterSite` of every targeted module, by name (all must have one output width).
+def in_features(module: nn.Module) -> int:
+    """The input width of a linear module (`nn.Linear` or GPT-2's `Conv1D`)."""
+    from peft.tuners.tuners_utils import _get_in_out_features
 
-    `causal_context=None` makes exactly the decoder sites causal. Raises `ValueError` for no targets, targets of
-    several widths, or a non-causal context term on a decoder site (it would let later tokens change earlier
-    outputs: the model would see the future while training).
+    return _get_in_out_features(module)[0]
+
+
+def default_lora_targets(model_type: Optional[str]) -> Optional[list[str]]:
+    """PEFT's default LoRA target modules for an architecture (`query` / `value` for BERT), if it has them."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+
+
+def plan_sites(
+    model: nn.Module,
+    targets: list[tuple[str, nn.Module]],
+    use_context: bool,
+    causal_context: Optional[bool],
+    per_target_kinds: bool = False,
+) -> dict[str, AdapterSite]:
+    """The `AdapterSite` of every targeted module, by name.
+
+    Bottleneck sites must all have one output width and are of three kinds (attention, feed-forward,
+    cross-attention). With `per_target_kinds` (C2A-LoRA: linear modules of any widths, such as a query and a
+    value projection in the same block) every distinct pair (module leaf name, attention / feed-forward /
+    cross-attention) is a kind of its own, numbered in model order, so that two targets of one block get different
+    site embeddings. `causal_context=None` makes exactly the decoder sites causal. Raises `ValueError` for no
+    targets, bottleneck targets of several widths, LoRA targets that are not `nn.Linear`, or a non-causal context
+    term on a decoder site (it would let later tokens change earlier outputs: the model would see the future while
+    training).
     """
     if not targets:
         raise ValueError("C2A needs `target_modules` that match the model (the hypernetwork is sized from them).")
+    if per_target_kinds:
+        not_linear = [key for key, module in targets if not isinstance(module, nn.Linear)]
+        if not_linear:
+            raise ValueError(
+                f"C2A-LoRA generates LoRA factors for nn.Linear modules; {not_linear[0]!r} is a "
+                f"{type(dict(targets)[not_linear[0]]).__name__}. Choose nn.Linear `target_modules` or "
+                "`adapter_kind='bottleneck'`."
+            )
     widths = {out_features(module) for _, module in targets}
-    if len(widths) != 1:
+    if not per_target_kinds and len(widths) != 1:
         raise ValueError(
             f"C2A generates adapters of one width, but the targeted modules output {sorted(widths)} features. "
             "Restrict `target_modules` to projections of one hidden size."
@@ -152,9 +184,13 @@ def plan_sites(
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     decoder_only = is_decoder_only_model(model)
     layer_ids: dict[str, int] = {}
+    kinds: dict[tuple[str, int], int] = {}
     plan = {}
     for key, _ in targets:
         layer_id = layer_ids.setdefault(layer_key(key), len(layer_ids))
+        kind = site_kind(key)
+        if per_target_kinds:
+            kind = kinds.setdefault((key.rsplit(".", 1)[-1], kind), len(kinds))
         decoder_site = is_decoder_site(key, encoder_decoder, decoder_only)
         causal = decoder_site if causal_context is None else causal_context
         if decoder_site and use_context and not causal:
@@ -164,5 +200,5 @@ def plan_sites(
                 "future while training). Leave `causal_context` unset (causal where needed) or set "
                 "`use_context=False`."
             )
-        plan[key] = AdapterSite(layer_id, site_kind(key), decoder_site, causal, encoder_decoder)
+        plan[key] = AdapterSite(layer_id, kind, decoder_site, causal, encoder_decoder)
     return plan

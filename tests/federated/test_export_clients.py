@@ -19,10 +19,10 @@ def fresh_base() -> BertForSequenceClassification:
     return BertForSequenceClassification(tiny_bert_config()).eval()
 
 
-@pytest.mark.parametrize("num_clients", [None, 3])
-def test_every_clients_exported_adapter_reproduces_its_personalised_outputs(tmp_path, num_clients):
+@pytest.mark.parametrize(("num_clients", "adapter_kind"), [(None, "bottleneck"), (3, "bottleneck"), (3, "lora")])
+def test_every_clients_exported_adapter_reproduces_its_personalised_outputs(tmp_path, num_clients, adapter_kind):
     clients, evals = make_clients({"client/a": 10, "client-b": 12, "new one": 8}, eval_size=5)
-    model = tiny_model("c2a", use_context=False, num_clients=num_clients)
+    model = tiny_model("c2a", use_context=False, num_clients=num_clients, adapter_kind=adapter_kind)
     trainer = build(tmp_path / "run", clients, evals, model=model, num_rounds=2, unseen_clients=["new one"])
     trainer.train()
     folders = trainer.export_client_adapters()
@@ -44,6 +44,7 @@ def test_every_clients_exported_adapter_reproduces_its_personalised_outputs(tmp_
         with torch.no_grad():
             expected = trainer.model(**batch, **descriptor).logits
             loaded = PeftModel.from_pretrained(fresh_base(), folder).eval()
+            assert loaded.peft_config["default"].peft_type == ("LORA" if adapter_kind == "lora" else "BOTTLENECK")
             torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=1e-5)
         card = (folder / "README.md").read_text()
         assert f"client `{name}`" in card

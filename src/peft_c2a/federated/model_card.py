@@ -123,6 +123,7 @@ def client_adapter_card(
     generated from (label counts, never examples) and the client's personalised scores. Unlike the federation's card
     it describes one client: it is for that client (or its operator) to keep or share."""
     base = base_model_id(getattr(config, "base_model_name_or_path", None))
+    lora = getattr(config, "adapter_kind", "bottleneck") == "lora"
     lines = ["---", "library_name: peft"]
     if base:
         lines.append(f"base_model: {base}")
@@ -130,14 +131,16 @@ def client_adapter_card(
     lines += [
         f"# The personalised adapter of client `{client}`",
         "",
-        "A static bottleneck adapter generated once by a federated C2A hypernetwork for this client's descriptor "
-        "(peft-c2a's `export_adapter`): it gives the C2A model's outputs for this client without the hypernetwork.",
+        f"A static {'LoRA' if lora else 'bottleneck'} adapter generated once by a federated C2A hypernetwork for "
+        "this client's descriptor (peft-c2a's `export_adapter`): it gives the C2A model's outputs for this client "
+        "without the hypernetwork.",
         "",
         "```python",
-        "import peft_c2a  # registers the BOTTLENECK adapter type with PEFT",
+        *([] if lora else ["import peft_c2a  # registers the BOTTLENECK adapter type with PEFT"]),
         "from peft import PeftModel",
         "",
         'model = PeftModel.from_pretrained(base_model, "path/to/this/folder")  # no descriptor needed',
+        *(["model = model.merge_and_unload()  # optional: no adapter left, the base model's speed"] if lora else []),
         "```",
         "",
         "## Generated from",

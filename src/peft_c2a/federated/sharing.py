@@ -68,7 +68,7 @@ class HubSharing(Trainer):
     def export_client_adapters(
         self, output_dir: Optional[str] = None, clients: Optional[Sequence[str]] = None
     ) -> dict[str, Path]:
-        """Write every client's personalised adapter as a static bottleneck adapter folder (C2A without the context
+        """Write every client's personalised adapter as a static adapter folder (C2A without the context
         term; `peft_c2a.export`), one folder per client under `output_dir` (default `args.output_dir/clients`), each
         with a card naming the label counts it was generated from and the client's last personalised scores.
 
