@@ -62,6 +62,15 @@ METHODS: dict[str, Method] = {
     "c2a_client_id": Method(
         "c2a", "fedavg", "federated", "C2A with a per-client embedding", (("c2a_client_embeddings", True),)
     ),
+    # C2A-LoRA as it is shipped: rank-lora_r LoRA factors on query/value (the LoRA baseline's shape), no context term,
+    # so every client's adapter exports as a plain, mergeable LoRA
+    "c2a_lora": Method(
+        "c2a",
+        "fedavg",
+        "federated",
+        "C2A generating LoRA on query/value, no context term (exportable)",
+        (("c2a_adapter_kind", "lora"), ("c2a_use_context", False)),
+    ),
 }
 MODEL_FREE = ("prior_only",)  # methods that train nothing: no learning rate, no selection
 # what C2A must beat (the prior-only guess included: a personalised win means beating it); centralized is a bound

@@ -48,6 +48,14 @@ class AdapterArguments:
         default=False, metadata={"help": "C2A: a learned embedding per client (kept on the client, never averaged)."}
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (query/value; alpha = 2 r)."})
+    c2a_adapter_kind: str = field(
+        default="bottleneck",
+        metadata={
+            "help": "C2A: generate bottleneck adapters, or LoRA factors of rank lora_r on LoRA's targets (alpha 2 r, "
+            "as the LoRA baseline; exportable and mergeable with c2a_use_context=False).",
+            "choices": ["bottleneck", "lora"],
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.peft_method not in PEFT_METHODS:
@@ -88,6 +96,11 @@ def apply_adapter(
             logit_adjustment=adapter.c2a_logit_adjustment,
             num_clients=num_clients if adapter.c2a_client_embeddings else None,
             init_seed=seed,
+            **(
+                dict(adapter_kind="lora", bottleneck_dim=adapter.lora_r, lora_alpha=2 * adapter.lora_r)
+                if adapter.c2a_adapter_kind == "lora"
+                else {}
+            ),
         )
     elif adapter.peft_method == "bottleneck":
         config = BottleneckAdapterConfig(task_type="SEQ_CLS", bottleneck_dim=adapter.bottleneck_dim)

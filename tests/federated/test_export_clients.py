@@ -63,6 +63,7 @@ def test_export_needs_a_c2a_model_without_context_and_known_clients(tmp_path):
     with pytest.raises(TypeError, match="needs a C2A model"):
         lora.export_client_adapters()
     with_context = build(tmp_path / "c2a", clients, evals)
+    with_context.train()
     with pytest.raises(ValueError, match="use_context=False"):
         with_context.export_client_adapters()
     no_context = build(tmp_path / "c2a-nc", clients, evals, model=tiny_model("c2a", use_context=False))

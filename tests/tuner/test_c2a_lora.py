@@ -165,3 +165,22 @@ def test_lora_kind_refuses_what_it_cannot_adapt():
         peft_c2a.C2AConfig(adapter_kind="prefix")
     with pytest.raises(ValueError, match="lora_alpha"):
         peft_c2a.C2AConfig(adapter_kind="lora", lora_alpha=0)
+
+
+@pytest.mark.parametrize("adapter_kind", ["lora", "bottleneck"])
+def test_many_exported_clients_are_served_by_one_model(adapter_kind, tmp_path):
+    model = c2a_lora("bert", adapter_kind=adapter_kind)
+    inputs = inputs_for("bert")
+    clients = {"north": [9, 1, 0, 0], "south": [0, 0, 2, 8]}
+    expected = {}
+    for name, counts in clients.items():
+        model.export_adapter(tmp_path / name, label_distribution=counts)
+        with torch.no_grad():
+            expected[name] = model(**inputs, label_distribution=counts).logits
+    served = PeftModel.from_pretrained(base_model("bert"), tmp_path / "north", adapter_name="north")
+    served.load_adapter(tmp_path / "south", adapter_name="south")
+    served.eval()
+    for name in clients:
+        served.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(served(**inputs).logits, expected[name], rtol=0, atol=1e-5)

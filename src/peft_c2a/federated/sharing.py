@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 from transformers import Trainer
 
-from ..export import check_exportable
 from .model_card import client_adapter_card, federated_model_card
 
 # where `push_to_hub` stages the files it uploads (the leading underscore keeps the Trainer's own pushes off it)
@@ -90,7 +89,11 @@ class HubSharing(Trainer):
         if len(set(folders.values())) != len(folders):
             raise ValueError("Two client names map to the same folder name; export them to separate folders.")
         config = self.model.peft_config[self.model.active_adapter]
-        check_exportable(config)
+        if config.use_context:  # checked on every process: only the first one writes, the others wait for it
+            raise ValueError(
+                "A static adapter reproduces a C2A client only without the context term: export needs a model "
+                "trained with `C2AConfig(use_context=False)` (see peft_c2a.export)."
+            )
         if not self.global_state:
             raise RuntimeError("Nothing to export yet: run `train()` (or resume from a checkpoint) first.")
         last_scores = _last_client_scores(self.history)
