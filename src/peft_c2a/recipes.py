@@ -85,10 +85,12 @@ def apply_adapter(
     if adapter.peft_method == "c2a":
         if adapter.c2a_client_embeddings and not num_clients:
             raise ValueError("C2A client embeddings (c2a_client_embeddings) need the number of clients.")
+        # C2A-LoRA takes the LoRA baseline's shape (rank lora_r, alpha 2 r); the bottleneck kind its own r
+        lora = adapter.c2a_adapter_kind == "lora"
         config = C2AConfig(
             task_type="SEQ_CLS",
             num_labels=num_labels,
-            bottleneck_dim=adapter.bottleneck_dim,
+            bottleneck_dim=adapter.lora_r if lora else adapter.bottleneck_dim,
             client_embed_dim=adapter.c2a_client_embed_dim,
             hyper_latent_dim=adapter.c2a_hyper_latent_dim,
             use_context=adapter.c2a_use_context,
@@ -96,11 +98,8 @@ def apply_adapter(
             logit_adjustment=adapter.c2a_logit_adjustment,
             num_clients=num_clients if adapter.c2a_client_embeddings else None,
             init_seed=seed,
-            **(
-                dict(adapter_kind="lora", bottleneck_dim=adapter.lora_r, lora_alpha=2 * adapter.lora_r)
-                if adapter.c2a_adapter_kind == "lora"
-                else {}
-            ),
+            adapter_kind=adapter.c2a_adapter_kind,
+            **({"lora_alpha": 2.0 * adapter.lora_r} if lora else {}),
         )
     elif adapter.peft_method == "bottleneck":
         config = BottleneckAdapterConfig(task_type="SEQ_CLS", bottleneck_dim=adapter.bottleneck_dim)

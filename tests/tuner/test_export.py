@@ -142,3 +142,30 @@ def test_exporting_leaves_the_c2a_model_unchanged(tmp_path):
     model.export_adapter(tmp_path / "x", label_distribution=[1, 2, 3, 4])
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_the_export_command_writes_the_same_adapter(tmp_path, capsys):
+    from peft_c2a.cli.export import main
+
+    base_model("bert").save_pretrained(tmp_path / "base")
+    model = trained_c2a("bert")
+    model.save_pretrained(tmp_path / "c2a")
+    inputs = inputs_for("bert")
+    with torch.no_grad():
+        expected = model(**inputs, label_distribution=[120, 3, 40, 7]).logits
+    argv = [str(tmp_path / "c2a"), "--label-counts", "120,3,40,7", "--out", str(tmp_path / "client")]
+    assert main([*argv, "--base-model", str(tmp_path / "base")]) == 0
+    assert "wrote a BOTTLENECK adapter" in capsys.readouterr().out
+    loaded = PeftModel.from_pretrained(base_model("bert"), tmp_path / "client").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
+
+    assert main([str(tmp_path), "--out", str(tmp_path / "x")]) == 1
+    assert "no adapter_config.json" in capsys.readouterr().err
+    assert main([str(tmp_path / "client"), "--out", str(tmp_path / "x")]) == 1
+    assert "holds a BOTTLENECK adapter, not a C2A one" in capsys.readouterr().err
+    assert main(argv) == 1  # saved from a model built in memory: no base model name to load
+    assert "--base-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "c2a"), "--label-counts", "a,b", "--out", str(tmp_path / "x")])
+    assert "comma-separated numbers" in capsys.readouterr().err

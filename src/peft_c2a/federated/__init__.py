@@ -7,6 +7,8 @@
   clients are sharded across processes under `accelerate launch` / `torchrun`.
 - `partitioning`: IID, Dirichlet label skew, group (language) skew with Dirichlet labels inside each group, quantity
   skew, personal test splits that follow each client's label mix, and a client x label heatmap.
+- `metrics`: accuracy and macro-F1 (scikit-learn), per-client summaries, and `compute_metrics_from_evaluate`, which
+  turns any `evaluate` metric into a `compute_metrics` callable.
 
 This package depends on the tuner (`peft_c2a.config`), never the other way round.
 """
@@ -22,7 +24,13 @@ from .client_splits import (
     plot_label_heatmap,
 )
 from .clients import ClientData, DescriptorCollator, DescriptorSpec
-from .metrics import classification_metrics, prior_only_accuracy, summarize_clients, write_history
+from .metrics import (
+    classification_metrics,
+    compute_metrics_from_evaluate,
+    prior_only_accuracy,
+    summarize_clients,
+    write_history,
+)
 from .partitioning import (
     dirichlet_label_partition,
     group_dirichlet_partition,
@@ -46,6 +54,7 @@ __all__ = [
     "UpdateAccumulator",
     "classification_metrics",
     "client_datasets_from_partitions",
+    "compute_metrics_from_evaluate",
     "dirichlet_label_partition",
     "group_dirichlet_partition",
     "grouped_partition_like",

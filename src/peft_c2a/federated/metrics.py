@@ -1,9 +1,10 @@
 """Metrics of a federation: classification scores, per-client summaries, and the history files.
 
-Accuracy and macro-F1 are computed here with numpy rather than loaded through `evaluate`: `evaluate.load("f1")`
-fetches its metric script from the Hub, which fails offline. The definitions follow scikit-learn's
-`accuracy_score` and `f1_score(average="macro")` (classes = the union of true and predicted labels; a class with no
-true and no predicted example does not count) and the tests check them against scikit-learn.
+Accuracy and macro-F1 come from scikit-learn (`accuracy_score`, `f1_score(average="macro")`): a maintained, widely
+used definition rather than one written here, and it needs no network, whereas `evaluate.load("f1")` fetches its
+metric script from the Hub and fails offline. Classes are the union of true and predicted labels, as in scikit-learn;
+a class with no true and no predicted example does not count. Any `evaluate` metric can be added on top through
+`compute_metrics_from_evaluate`, which turns it into a `compute_metrics` callable.
 
 Per-client results are summarised the way federated papers report them: mean over clients, example-weighted mean,
 worst client, and standard deviation across clients.
@@ -15,11 +16,14 @@ import csv
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # only an annotation: the module stays importable without loading transformers
+    from transformers.trainer_utils import EvalPrediction
 
 IGNORE_INDEX = -100
 PLOTTED_METRICS = (
@@ -31,7 +35,11 @@ PLOTTED_METRICS = (
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 of predicted class ids against labels (positions labelled -100 are ignored)."""
+    """Accuracy and macro-F1 of predicted class ids against labels (positions labelled -100 are ignored).
+
+    Both arrays are flattened, so token-level predictions score like sequence-level ones. With no labelled position
+    left the scores are NaN (and `num_examples` 0): `summarize_clients` then leaves that client out of the mean.
+    """
     predictions = np.asarray(predictions).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
     if predictions.shape != labels.shape:
@@ -40,18 +48,78 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[
     predictions, labels = predictions[keep], labels[keep]
     if labels.size == 0:
         return {"accuracy": float("nan"), "macro_f1": float("nan"), "num_examples": 0}
-    classes = np.union1d(labels, predictions)
-    f1_scores = []
-    for cls in classes:
-        true_positive = np.sum((predictions == cls) & (labels == cls))
-        predicted, actual = np.sum(predictions == cls), np.sum(labels == cls)
-        denominator = predicted + actual
-        f1_scores.append(0.0 if denominator == 0 else 2.0 * true_positive / denominator)
+    # imported here: scikit-learn pulls in scipy, which `import peft_c2a.federated` need not pay for
+    from sklearn.metrics import accuracy_score, f1_score
+
     return {
-        "accuracy": float(np.mean(predictions == labels)),
-        "macro_f1": float(np.mean(f1_scores)),
+        "accuracy": float(accuracy_score(labels, predictions)),
+        # zero_division=0: a class only ever predicted (never true) scores 0 instead of warning
+        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
         "num_examples": int(labels.size),
     }
+
+
+def compute_metrics_from_evaluate(
+    metric: Any, *, prefix: str = "", shift_labels: bool = False, **compute_kwargs: Any
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """A `compute_metrics` callable (for `FederatedTrainer` or `Trainer`) that scores with an `evaluate` metric.
+
+    The callable takes class ids from the logits (argmax over the last axis; predictions that already are ids, e.g.
+    from `preprocess_logits_for_metrics`, are used as they are), drops the positions labelled -100, calls
+    `metric.compute(predictions=..., references=..., **compute_kwargs)` and returns its scores as floats under
+    `prefix + key`. A list-valued score (e.g. per-class F1 with `average=None`) becomes one key per class,
+    `f"{prefix}{key}_{i}"`.
+
+    Args:
+        metric: an `evaluate.EvaluationModule` (`evaluate.load("accuracy")`, or a local metric folder
+            `evaluate.load("examples/metrics/macro_f1")`) or an `evaluate.combine([...])`; anything with a
+            `compute(predictions=..., references=...)` that returns a dict works.
+        prefix: put before every key. `FederatedTrainer` merges these keys into each client's scores, so a key equal
+            to a built-in one (`accuracy`, `macro_f1`, `loss`) would replace it; a prefix such as `"metric_"` keeps
+            both.
+        shift_labels: score next-token predictions of a causal LM. `FederatedTrainer` passes `compute_metrics` the
+            label ids as the batch holds them (unshifted), while the logits at position t predict token t + 1: with
+            `shift_labels=True` the predictions at positions `[:-1]` are compared with the labels at `[1:]`, as the
+            built-in accuracy of a causal LM is.
+        compute_kwargs: passed on to `metric.compute`, e.g. `average="macro"` for `evaluate.load("f1")`.
+    """
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        logits, labels = prediction.predictions, prediction.label_ids
+        if isinstance(logits, (tuple, list)):  # a model's extra outputs (hidden states, ...) follow the logits
+            logits = logits[0]
+        logits, labels = np.asarray(logits), np.asarray(labels)
+        predictions = logits.argmax(-1) if logits.ndim == labels.ndim + 1 else logits
+        if predictions.shape != labels.shape:
+            raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} differ in shape.")
+        if shift_labels:
+            predictions, labels = predictions[..., :-1], labels[..., 1:]
+        keep = labels != IGNORE_INDEX
+        references, predictions = labels[keep].tolist(), predictions[keep].tolist()
+        if not references:  # nothing to score (every position ignored): no keys, as for a client without labels
+            return {}
+        scores = metric.compute(predictions=predictions, references=references, **compute_kwargs)
+        if scores is None:
+            raise ValueError(
+                "The metric returned no scores: an `evaluate` module with process_id != 0 computes nothing; load it "
+                "with the default process_id=0 (each process scores its own clients)."
+            )
+        return _float_scores(scores, prefix)
+
+    return compute_metrics
+
+
+def _float_scores(scores: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in scores.items():
+        array = np.asarray(value)
+        if array.ndim == 0 and np.issubdtype(array.dtype, np.number):
+            out[f"{prefix}{key}"] = float(array)
+        elif array.ndim == 1 and np.issubdtype(array.dtype, np.number):
+            out.update({f"{prefix}{key}_{index}": float(item) for index, item in enumerate(array)})
+        else:
+            raise TypeError(f"Metric score {key!r} is neither a number nor a list of numbers: {value!r}.")
+    return out
 
 
 def prior_only_accuracy(train_label_counts: np.ndarray, labels: np.ndarray) -> float:
