@@ -25,6 +25,8 @@ from transformers import (
 import peft_c2a
 from peft_c2a.layer import C2ALoraLayer
 
+from .test_export import inputs_for, moved
+
 TASKS = {"bert": "SEQ_CLS", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 AUTO_CLASSES = {
     "bert": "AutoModelForSequenceClassification",
@@ -63,24 +65,7 @@ def base_model(kind: str) -> torch.nn.Module:
 def c2a_lora(kind: str, perturb: bool = True, **config) -> PeftModel:
     config = {"adapter_kind": "lora", "bottleneck_dim": 4, "use_context": False, "init_seed": 0, **config}
     model = get_peft_model(base_model(kind), peft_c2a.C2AConfig(task_type=TASKS[kind], **config))
-    if perturb:  # as after training: every trainable tensor has moved
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model.eval()
-
-
-def inputs_for(kind: str) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(2)
-    inputs = {
-        "input_ids": torch.randint(2, 60, (3, 7), generator=generator),
-        "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 6 + [0]]),
-    }
-    if kind == "t5":
-        inputs["decoder_input_ids"] = torch.randint(2, 60, (3, 4), generator=generator)
-    return inputs
+    return moved(model) if perturb else model.eval()
 
 
 def test_lora_sites_start_as_the_base_model_and_get_their_own_embeddings():

@@ -48,7 +48,12 @@ TASKS = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "gpt2": "CAUSAL_LM", "gpt2_cls
 def trained_c2a(kind: str, **config) -> PeftModel:
     """A C2A model without the context term whose every trainable tensor has moved (as after training)."""
     config = {"bottleneck_dim": 4, "use_context": False, "init_seed": 0, **config}
-    model = get_peft_model(base_model(kind), peft_c2a.C2AConfig(task_type=TASKS[kind], **config))
+    return moved(get_peft_model(base_model(kind), peft_c2a.C2AConfig(task_type=TASKS[kind], **config)))
+
+
+def moved(model: PeftModel) -> PeftModel:
+    """`model` with every trainable tensor moved from its initialisation, as after training (a zero-start up path
+    would make an export trivially exact)."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
