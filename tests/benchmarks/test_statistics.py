@@ -1,0 +1,81 @@
+"""The benchmark report's paired statistics: per-seed scores, C2A minus each method by seed, bootstrap intervals, and
+verdicts only where an interval excludes zero."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.federated_bench.statistics import (
+    PAIRED_SCORES,
+    bootstrap_interval,
+    client_percentile,
+    paired_against,
+    paired_difference,
+    paired_markdown,
+    per_seed_scores,
+)
+
+
+def run(seed: int, final: float, clients: dict[str, float], curve: list[float]) -> dict:
+    return {
+        "config": {"seed": seed},
+        "derived": {
+            "final": {
+                "personalized_mean_accuracy": final,
+                "global_accuracy": final - 0.1,
+                "unseen_mean_accuracy": None,
+            },
+            "curves": {"personalized_mean_accuracy": [[i + 1, value] for i, value in enumerate(curve)]},
+            "per_client_accuracy": clients,
+        },
+    }
+
+
+def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
+    values = [0.1, 0.3, 0.2, 0.25, 0.15]
+    low, high = bootstrap_interval(values)
+    assert (low, high) == bootstrap_interval(values)
+    assert low < sum(values) / len(values) < high
+    assert min(values) <= low and high <= max(values)
+    assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="No values"):
+        bootstrap_interval([])
+
+
+def test_paired_difference_pairs_common_seeds_and_claims_only_outside_zero():
+    lead = paired_difference({0: 0.9, 1: 0.8, 2: 0.85, 3: 0.7}, {0: 0.7, 1: 0.75, 2: 0.6})
+    assert lead["seeds"] == [0, 1, 2] and lead["per_seed"] == pytest.approx([0.2, 0.05, 0.25])
+    assert lead["mean"] == pytest.approx(0.5 / 3) and lead["verdict"] == "lead"
+    mixed = paired_difference({0: 0.9, 1: 0.5}, {0: 0.7, 1: 0.6})
+    assert mixed["verdict"] == "no claim" and mixed["interval"][0] < 0 < mixed["interval"][1]
+    assert paired_difference({0: 0.1, 1: 0.2}, {0: 0.3, 1: 0.5})["verdict"] == "loss"
+    assert paired_difference({0: 0.1}, {1: 0.2}) is None
+
+
+def test_per_seed_scores_and_the_10th_percentile_client():
+    assert client_percentile({"a": 0.0, "b": 1.0, "c": 0.5, "d": None}) == pytest.approx(0.1)
+    assert client_percentile({}) is None
+    scores = per_seed_scores([run(3, 0.8, {"a": 1.0, "b": 0.0}, [0.2, 0.4, 0.6, 0.8])], tail_rounds=2)
+    assert set(scores) == set(PAIRED_SCORES)
+    assert scores["personalized_mean_accuracy"] == {3: 0.8}
+    assert scores["personalized_mean_accuracy_tail"] == {3: pytest.approx(0.7)}
+    assert scores["personalized_p10_accuracy"] == {3: pytest.approx(0.1)}
+    assert scores["global_accuracy"] == {3: pytest.approx(0.7)}
+    assert scores["unseen_mean_accuracy"] == {}  # missing values are left out, not zero
+
+
+def test_paired_against_and_its_table():
+    rows = {
+        "c2a": {"per_seed": per_seed_scores([run(0, 0.9, {"a": 0.9}, [0.9]), run(1, 0.8, {"a": 0.8}, [0.8])], 5)},
+        "lora": {"per_seed": per_seed_scores([run(0, 0.7, {"a": 0.5}, [0.7]), run(1, 0.6, {"a": 0.4}, [0.6])], 5)},
+        "local": {"per_seed": per_seed_scores([], 5)},
+    }
+    paired = paired_against(rows)
+    assert set(paired) == {"lora", "local"}
+    assert paired["lora"]["personalized_mean_accuracy"]["mean"] == pytest.approx(0.2)
+    assert paired["lora"]["personalized_mean_accuracy"]["verdict"] == "lead"
+    assert paired["local"]["global_accuracy"] is None
+    table = paired_markdown(paired)
+    assert any(line.startswith("| lora | 0,1 | +0.200 [+0.200, +0.200] lead") for line in table)
+    assert any(line.startswith("| local | – | – |") for line in table)
+    assert paired_against({"lora": rows["lora"]}) == {} and paired_markdown({}) == []
