@@ -32,6 +32,7 @@ class Method:
     script_options: tuple[
         tuple[str, Any], ...
     ] = ()  # further `peft_c2a.recipes.AdapterArguments` fields (C2A ablations)
+    trainer_options: tuple[tuple[str, Any], ...] = ()  # further `FederatedTrainingArguments` fields
 
 
 METHODS: dict[str, Method] = {
@@ -71,10 +72,32 @@ METHODS: dict[str, Method] = {
         "C2A generating LoRA on query/value, no context term (exportable)",
         (("c2a_adapter_kind", "lora"), ("c2a_use_context", False)),
     ),
+    # protocol v2's personalised baselines (issue 20): what a reviewer compares a personalised method with
+    "lora_prior": Method(
+        "lora",
+        "fedavg",
+        "federated",
+        "FedAvg + LoRA, class scores adjusted by each client's own label prior at evaluation (tau 1, free)",
+        trainer_options=(("eval_logit_adjustment", 1.0),),
+    ),
+    "lora_ft": Method(
+        "lora",
+        "fedavg",
+        "federated",
+        "FedAvg + LoRA, then 5 local fine-tuning steps per client before its evaluation (FedAvg-FT)",
+        trainer_options=(("personalization_steps", 5),),
+    ),
+    "c2a_ft": Method(
+        "c2a",
+        "fedavg",
+        "federated",
+        "C2A, then 5 local fine-tuning steps per client before its evaluation (C2A-FT)",
+        trainer_options=(("personalization_steps", 5),),
+    ),
 }
 MODEL_FREE = ("prior_only",)  # methods that train nothing: no learning rate, no selection
 # what C2A must beat (the prior-only guess included: a personalised win means beating it); centralized is a bound
-BASELINES = ("bottleneck", "lora", "fedprox_lora", "head", "local", "prior_only")
+BASELINES = ("bottleneck", "lora", "fedprox_lora", "head", "local", "prior_only", "lora_prior", "lora_ft")
 # the comparison a benchmark runs unless told otherwise; the C2A ablations are chosen with --methods
 DEFAULT_METHODS = ("c2a", "bottleneck", "lora", "fedprox_lora", "head", "local", "centralized", "prior_only")
 UPPER_BOUNDS = ("centralized",)

@@ -206,6 +206,7 @@ def training_arguments(spec: RunSpec, output_dir: str) -> Any:
         report_to="none",
         logging_strategy="no",
         disable_tqdm=True,
+        **dict(method.trainer_options),
     )
 
 

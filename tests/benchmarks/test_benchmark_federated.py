@@ -549,3 +549,25 @@ def test_language_skew_path_with_stand_in_data(bench, tmp_path, monkeypatch, res
         assert run["derived"]["final"]["global_accuracy"] is None  # no test set touched while selecting
     else:
         assert 0.0 <= run["derived"]["final"]["global_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("lora_prior", {"eval_logit_adjustment": 1.0, "personalization_steps": 0}),
+        ("lora_ft", {"eval_logit_adjustment": 0.0, "personalization_steps": 5}),
+        ("c2a_ft", {"eval_logit_adjustment": 0.0, "personalization_steps": 5}),
+        ("lora", {"eval_logit_adjustment": 0.0, "personalization_steps": 0}),
+    ],
+)
+def test_protocol_v2_baselines_differ_only_in_their_trainer_options(bench, proto, worker, tmp_path, method, expected):
+    settings = bench.protocol_settings(bench.parse_args(["--quick", "--output_dir", str(tmp_path)]), "label_skew")
+    spec = proto.RunSpec("label_skew", 0.1, method, "final", 3e-3, 0, settings=settings)
+    args = worker.training_arguments(spec, str(tmp_path))
+    assert {key: getattr(args, key) for key in expected} == expected
+    reference = worker.training_arguments(proto.RunSpec("label_skew", 0.1, "lora", "final", 3e-3, 0, settings), "x")
+    assert (args.learning_rate, args.num_rounds, args.local_max_steps) == (
+        reference.learning_rate,
+        reference.num_rounds,
+        reference.local_max_steps,
+    )

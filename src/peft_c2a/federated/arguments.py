@@ -30,6 +30,7 @@ AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedyogi")
 FEDERATION_MODES = ("federated", "local", "centralized")
 WEIGHTINGS = ("examples", "equal")
 ROBUST_AGGREGATIONS = ("none", "median", "trimmed_mean")
+ROUND_LR_SCHEDULERS = ("constant", "linear", "cosine")
 _DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
 # where `load_best_model_at_end` looks when `metric_for_best_model` is not set (the Trainer's "loss" does not exist
 # here: a federation has a loss per client); the clients' mean loss on their own test splits exists for every method
@@ -123,6 +124,20 @@ class FederatedTrainingArguments(TrainingArguments):
             example counts and bound what a minority of poisoned updates can do. One process only.
         trim_fraction (`float`, defaults to 0.2):
             Share of updates dropped at each end per coordinate by `"trimmed_mean"`, in `[0, 0.5)`.
+        round_lr_scheduler (`str`, defaults to `"constant"`):
+            How the local learning rate decays across rounds: `"constant"`, `"linear"` (round `t` of `T` trains at
+            `learning_rate * (1 - (t - 1) / T)`) or `"cosine"` (`learning_rate * (1 + cos(pi (t - 1) / T)) / 2`). Within
+            a round `lr_scheduler_type` still shapes the client's steps. A constant rate leaves the global model
+            swinging from round to round under skewed clients; a decaying one lets it settle.
+        personalization_steps (`int`, defaults to 0):
+            Before a client's personalised evaluation, fine-tune the model on that client's own training data for
+            this many local steps (from the state it is evaluated with; no FedProx term), evaluate, and restore the
+            state: FedAvg-FT, the usual personalised-FL reference (C2A-FT for a C2A model). 0 evaluates as it is.
+        eval_logit_adjustment (`float`, defaults to 0.0):
+            At personalised evaluation, add `tau * log(p + 0.01)` (centred over the classes) of the client's own
+            training label distribution `p` to the model's class scores before predicting: the free post-hoc
+            personalisation of a global classifier. Predictions and `compute_metrics` see the adjusted scores, the
+            loss is the model's own. 0 turns it off.
         log_client_scores (`bool`, defaults to `False`):
             Also give the `report_to` integrations each client's accuracy and loss per evaluation and its training
             loss per round (a curve per client, `reports.client_curves`). Off by default: with a remote integration
@@ -185,6 +200,16 @@ class FederatedTrainingArguments(TrainingArguments):
         },
     )
     trim_fraction: float = field(default=0.2, metadata={"help": "Share trimmed at each end by trimmed_mean."})
+    round_lr_scheduler: str = field(
+        default="constant",
+        metadata={"help": "Decay of the local lr across rounds.", "choices": list(ROUND_LR_SCHEDULERS)},
+    )
+    personalization_steps: int = field(
+        default=0, metadata={"help": "Local fine-tuning steps before each personalised evaluation (FedAvg-FT)."}
+    )
+    eval_logit_adjustment: float = field(
+        default=0.0, metadata={"help": "tau of the client-prior logit adjustment at personalised evaluation."}
+    )
     log_client_scores: bool = field(
         default=False, metadata={"help": "Log per-client curves to report_to integrations (they leave the machine)."}
     )
@@ -237,6 +262,18 @@ class FederatedTrainingArguments(TrainingArguments):
             )
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"`trim_fraction` must lie in [0, 0.5), got {self.trim_fraction}.")
+        if self.round_lr_scheduler not in ROUND_LR_SCHEDULERS:
+            raise ValueError(
+                f"`round_lr_scheduler` must be one of {ROUND_LR_SCHEDULERS}, got {self.round_lr_scheduler!r}."
+            )
+        if self.personalization_steps < 0:
+            raise ValueError(f"`personalization_steps` must be >= 0, got {self.personalization_steps}.")
+        if self.personalization_steps and not self.reset_optimizer_each_round:
+            raise ValueError(
+                "`personalization_steps` fine-tunes with a fresh optimizer: keep reset_optimizer_each_round."
+            )
+        if not (math.isfinite(self.eval_logit_adjustment) and self.eval_logit_adjustment >= 0):
+            raise ValueError(f"`eval_logit_adjustment` must be a finite number >= 0, got {self.eval_logit_adjustment}.")
 
     def _map_loop_fields_to_rounds(self) -> None:
         """Express the federation's schedule in the Trainer's step fields (a step is a round), refuse values that
@@ -313,7 +350,18 @@ class FederatedTrainingArguments(TrainingArguments):
             "optim": str(getattr(self.optim, "value", self.optim)),
             "max_grad_norm": self.max_grad_norm,
             "reset_optimizer_each_round": self.reset_optimizer_each_round,
+            # only when set: checkpoints written before the option existed keep matching the default
+            **({"round_lr_scheduler": self.round_lr_scheduler} if self.round_lr_scheduler != "constant" else {}),
         }
+
+    def round_lr_factor(self, round_index: int) -> float:
+        """What `round_lr_scheduler` multiplies the learning rate by in round `round_index` (1 in round 1)."""
+        progress = (round_index - 1) / self.num_rounds
+        if self.round_lr_scheduler == "linear":
+            return 1.0 - progress
+        if self.round_lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
 
     @property
     def effective_server_learning_rate(self) -> float:

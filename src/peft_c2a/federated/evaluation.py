@@ -15,7 +15,13 @@ from transformers.trainer_pt_utils import nested_concat, nested_numpify
 from transformers.trainer_utils import EvalPrediction
 
 from .clients import ClientData
-from .metrics import classification_metrics, evaluation_summary, prior_only_accuracy, scalar_items
+from .metrics import (
+    classification_metrics,
+    evaluation_summary,
+    prior_logit_offsets,
+    prior_only_accuracy,
+    scalar_items,
+)
 
 
 class FederatedEvaluation(Trainer):
@@ -88,6 +94,18 @@ class FederatedEvaluation(Trainer):
         return self._evaluate_one("client" if own_descriptor else "uniform", name, ignore_keys)
 
     def _evaluate_one(self, kind: str, name: str, ignore_keys: Optional[list[str]]) -> dict[str, float]:
+        steps = self.args.personalization_steps
+        if not steps or kind not in ("client", "unseen"):
+            return self._scores(kind, name, ignore_keys)
+        # FedAvg-FT: fine-tune on the client's own data from the state it is evaluated with, score, put it back
+        state = self.get_trainable_state()
+        try:
+            self._run_local_training(name, self.state.global_step, state, personalization_steps=steps)
+            return self._scores(kind, name, ignore_keys)
+        finally:
+            self.load_trainable_state(state)
+
+    def _scores(self, kind: str, name: str, ignore_keys: Optional[list[str]]) -> dict[str, float]:
         # the global test set is evaluated like a client without a descriptor (C2A: the uniform one)
         if kind == "global":
             client = ClientData("__global__", None, self.eval_dataset)
@@ -123,6 +141,9 @@ class FederatedEvaluation(Trainer):
         if logits_all is not None and labels_all is not None:
             logits_np, labels_np = nested_numpify(logits_all), nested_numpify(labels_all)
             label_ids = labels_np  # what `compute_metrics` gets, unshifted, beside the logits
+            tau, counts = self.args.eval_logit_adjustment, client.label_counts
+            if tau and kind in ("client", "unseen") and counts is not None and logits_np.shape[-1] == len(counts):
+                logits_np = logits_np + prior_logit_offsets(counts, tau).astype(logits_np.dtype)
             predictions = logits_np.argmax(-1) if logits_np.ndim == labels_np.ndim + 1 else logits_np
             if _predicts_next_token(self.model) and predictions.ndim == 2 and predictions.shape == labels_np.shape:
                 # a causal LM's logits at position t predict token t + 1 (its loss shifts the same way)

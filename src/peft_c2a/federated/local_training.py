@@ -35,10 +35,11 @@ TensorDict = dict[str, torch.Tensor]
 class LocalTraining(Trainer):
     """Local training of one client at a time on a `Trainer` (a mixin of `FederatedTrainer`)."""
 
-    def client_seed(self, round_index: int, name: str) -> int:
-        """The seed of `name`'s local training in `round_index`: the same on every process and after resuming."""
-        sequence = np.random.SeedSequence([self.args.seed, round_index, zlib.crc32(name.encode())])
-        return int(sequence.generate_state(1)[0])
+    def client_seed(self, round_index: int, name: str, stream: int = 0) -> int:
+        """The seed of `name`'s local training in `round_index`: the same on every process and after resuming
+        (`stream=1`: its personalisation fine-tuning before evaluation, a stream of its own)."""
+        entropy = [self.args.seed, round_index, zlib.crc32(name.encode())] + ([stream] if stream else [])
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
     def _client(self, name: str) -> ClientData:
         return self._pooled_client if name == POOLED_CLIENT else self.clients[name]
@@ -122,11 +123,14 @@ class LocalTraining(Trainer):
         )
         self._activation_checkpointing_on = True
 
-    def _run_local_training(self, name: str, round_index: int, start_state: TensorDict) -> tuple[int, float, int]:
+    def _run_local_training(
+        self, name: str, round_index: int, start_state: TensorDict, personalization_steps: int = 0
+    ) -> tuple[int, float, int]:
         """Train the model (holding `start_state`) on client `name`'s data for one round; return its example count,
-        mean loss and optimizer steps."""
+        mean loss and optimizer steps. With `personalization_steps`, make that many steps of plain fine-tuning
+        instead (at `learning_rate`, no FedProx term, a seed stream of its own)."""
         args = self.args
-        seed = self.client_seed(round_index, name)
+        seed = self.client_seed(round_index, name, stream=1 if personalization_steps else 0)
         set_seed(seed)
         client = self._client(name)
         loader = self._client_loader(client, seed, train=True)
@@ -134,15 +138,17 @@ class LocalTraining(Trainer):
         if batches_per_epoch == 0:
             raise ValueError(f"Client {name!r} has fewer examples than one batch (dataloader_drop_last is on).")
         accumulation = args.gradient_accumulation_steps
-        if args.local_max_steps > 0:
-            total_batches = args.local_max_steps * accumulation
+        if personalization_steps or args.local_max_steps > 0:
+            total_batches = (personalization_steps or args.local_max_steps) * accumulation
         else:
             total_batches = max(1, math.ceil(args.local_epochs * batches_per_epoch))
         total_updates = math.ceil(total_batches / accumulation)
 
-        optimizer = self._local_optimizer(total_updates)
+        lr_factor = 1.0 if personalization_steps else args.round_lr_factor(round_index)
+        optimizer = self._local_optimizer(total_updates, lr_factor)
         params = self._trainable_parameters()
-        if args.aggregation == "fedprox" and args.proximal_mu > 0 and args.federation_mode == "federated":
+        fedprox = args.aggregation == "fedprox" and args.proximal_mu > 0 and args.federation_mode == "federated"
+        if fedprox and not personalization_steps:
             self._proximal_anchor = [(params[key], start_state[key].to(params[key].device)) for key in start_state]
         self._enable_activation_checkpointing()
         model = self.model
@@ -170,8 +176,9 @@ class LocalTraining(Trainer):
             self._proximal_anchor = None
         return client.num_examples, loss_sum / max(seen, 1), seen
 
-    def _local_optimizer(self, num_updates: int) -> torch.optim.Optimizer:
-        """A fresh optimizer and schedule per client and round, or the carried-over optimizer with a new schedule."""
+    def _local_optimizer(self, num_updates: int, lr_factor: float = 1.0) -> torch.optim.Optimizer:
+        """A fresh optimizer and schedule per client and round, or the carried-over optimizer with a new schedule;
+        its learning rates are the configured ones times `lr_factor` (the round's, `round_lr_scheduler`)."""
         if self.args.reset_optimizer_each_round or self.optimizer is None:
             old = self.optimizer
             self.optimizer = None
@@ -179,6 +186,10 @@ class LocalTraining(Trainer):
             # accelerate keeps every prepared optimizer; forget the previous client's so they do not pile up
             self.accelerator._optimizers = [opt for opt in self.accelerator._optimizers if opt is not old]
             self.optimizer = self.accelerator.prepare_optimizer(raw)
+        for group in unwrap_optimizer(self.optimizer).param_groups:
+            # the schedule below starts from `initial_lr` (a carried-over optimizer already has one)
+            base = group.setdefault("federated_base_lr", group["lr"])
+            group["lr"] = group["initial_lr"] = base * lr_factor
         self.lr_scheduler = None
         self.create_scheduler(num_training_steps=num_updates, optimizer=unwrap_optimizer(self.optimizer))
         return self.optimizer

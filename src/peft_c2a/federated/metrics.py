@@ -136,6 +136,14 @@ def prior_only_accuracy(train_label_counts: np.ndarray, labels: np.ndarray) -> f
     return float(np.mean(labels == int(np.argmax(train_label_counts))))
 
 
+def prior_logit_offsets(train_label_counts: np.ndarray, tau: float, eps: float = 0.01) -> np.ndarray:
+    """`tau * log(p + eps)`, centred over the classes, of a client's training label distribution `p`: what
+    `eval_logit_adjustment` adds to a global classifier's scores (C2A's own logit adjustment, applied post hoc)."""
+    counts = np.asarray(train_label_counts, dtype=np.float64)
+    log_prior = np.log(counts / max(counts.sum(), 1e-12) + eps)
+    return tau * (log_prior - log_prior.mean())
+
+
 def summarize_clients(per_client: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str, float]:
     """Mean, example-weighted mean, worst client and std across clients of each score in `per_client`.
 
