@@ -16,6 +16,7 @@ from peft_c2a.federated.client_splits import (
     label_counts,
     partition_like,
     plot_label_heatmap,
+    sample_like,
 )
 from peft_c2a.federated.partitioning import (
     dirichlet_label_partition,
@@ -471,3 +472,20 @@ def test_grouped_partition_like_stays_inside_each_group():
         assert set(labels[part]) <= set(np.flatnonzero(count))  # a client only gets labels it trains on
     flat = np.concatenate(parts)
     assert len(flat) == len(set(flat.tolist()))
+
+
+def test_sample_like_gives_every_client_a_fixed_size_set_with_its_mix():
+    labels = np.repeat([0, 1, 2], [50, 30, 4])
+    reference = np.array([[90, 10, 0], [0, 1, 0], [1, 0, 99], [0, 0, 0]])
+    parts = sample_like(labels, reference, size=20, seed=3)
+    counts = [np.bincount(labels[part], minlength=3).tolist() for part in parts]
+    assert counts[0] == [18, 2, 0]  # its 90 / 10 mix
+    assert counts[1] == [0, 20, 0]  # a client with one training example still gets 20 test examples
+    assert counts[2] == [0, 0, 4]  # capped at what the pool holds of its label
+    assert counts[3] == [0, 0, 0]  # no labels, no examples
+    assert all(len(set(part.tolist())) == len(part) for part in parts)  # no repeats within a client
+    assert all(np.array_equal(a, b) for a, b in zip(parts, sample_like(labels, reference, 20, seed=3), strict=True))
+    with pytest.raises(ValueError, match="size"):
+        sample_like(labels, reference, size=0)
+    with pytest.raises(ValueError, match="reference_counts"):
+        sample_like(labels, -reference, size=5)

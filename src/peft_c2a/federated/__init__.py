@@ -22,6 +22,7 @@ from .client_splits import (
     label_counts,
     partition_like,
     plot_label_heatmap,
+    sample_like,
 )
 from .clients import ClientData, DescriptorCollator, DescriptorSpec
 from .metrics import (
@@ -63,6 +64,7 @@ __all__ = [
     "latest_checkpoint",
     "make_server_optimizer",
     "partition_like",
+    "sample_like",
     "plot_label_heatmap",
     "prior_only_accuracy",
     "quantity_skew_partition",

@@ -4,12 +4,14 @@ matrix C2A's descriptors come from, per-client `datasets.Dataset`s, and a client
 * `partition_like` / `grouped_partition_like`: split another dataset (the test split) so each client's share of
   every label follows its training share (within its own group, e.g. language, for the grouped one). Personalised
   models are evaluated on such splits.
+* `sample_like`: a fixed-size personal test set per client with its training label mix, drawn from the whole pool
+  (clients may share examples), so that small clients still get a score of usable resolution.
 * `label_counts`: the `(num_clients, num_labels)` count matrix.
 * `client_datasets_from_partitions`: one `datasets.Dataset` per client.
 * `plot_label_heatmap`: the count matrix as a PNG (matplotlib is imported lazily, only there: it is optional).
 
-Partitions are as in `partitioning.py`: one sorted, disjoint `np.int64` index array per client; everything here is
-deterministic given `seed`.
+Partitions are as in `partitioning.py`: one sorted, disjoint `np.int64` index array per client (`sample_like`'s arrays
+need not be disjoint); everything here is deterministic given `seed`.
 """
 
 from __future__ import annotations
@@ -88,6 +90,44 @@ def partition_like(labels: Any, reference_counts: np.ndarray, seed: int = 0) -> 
         for client, piece in enumerate(np.split(members, np.cumsum(counts)[:-1])):
             parts[client].append(piece)
     return _finalize(parts)
+
+
+def sample_like(labels: Any, reference_counts: np.ndarray, size: int, seed: int = 0) -> list[np.ndarray]:
+    """A personal test set of `size` examples per client whose label mix follows the client's reference mix, drawn
+    from the whole pool independently for each client (two clients may share test examples).
+
+    `partition_like` divides the pool, so a client with a 1% share of the training data gets ~1% of the test split:
+    under strong label skew that is 1-3 examples, too few to score a client (one example moves its accuracy by a
+    third). Drawing a fixed number per client gives every client a score of the same resolution; the examples stay
+    disjoint from every client's training data because they come from the test pool. Per client, each label gets
+    `size * share` examples (largest-remainder rounding), capped at what the pool holds of that label, without
+    replacement within the client; a client whose labels the pool lacks gets fewer.
+
+    Args:
+        labels: 1-D non-negative integer labels of the pool (list, numpy array, or `datasets` Column).
+        reference_counts: `(num_clients, num_labels)` non-negative counts (the clients' training label counts).
+        size: examples per client (>= 1).
+        seed: Seed for `np.random.default_rng`.
+
+    Returns:
+        One sorted int64 index array per client.
+    """
+    if size < 1:
+        raise ValueError(f"`size` must be >= 1, got {size}.")
+    reference = np.asarray(reference_counts, dtype=np.float64)
+    if reference.ndim != 2 or reference.shape[0] < 1 or not np.all(np.isfinite(reference)) or np.any(reference < 0):
+        raise ValueError("`reference_counts` must be a (num_clients, num_labels) matrix of finite counts >= 0.")
+    labels, num_labels = _as_labels(labels, reference.shape[1])
+    rng = np.random.default_rng(seed)
+    pools = [np.flatnonzero(labels == label) for label in range(num_labels)]
+    parts = []
+    for row in reference:
+        wanted = _largest_remainder(size, row) if row.sum() > 0 else np.zeros(num_labels, dtype=np.int64)
+        picked = [
+            rng.choice(pool, size=min(int(n), pool.size), replace=False) for pool, n in zip(pools, wanted, strict=True)
+        ]
+        parts.append(np.sort(np.concatenate(picked)).astype(np.int64))
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------------------------------
