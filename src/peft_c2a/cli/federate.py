@@ -378,7 +378,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     that says what to fix instead of a traceback. Returns the exit status."""
     try:
         run(argv, prog)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:  # bad input, or the packaged assets not installed
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
