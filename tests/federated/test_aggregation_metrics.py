@@ -407,3 +407,35 @@ def test_arguments_parse_from_command_line(tmp_path):
     assert defaults.reset_optimizer_each_round is True and defaults.client_sampling_seed is None
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--aggregation", "median"])
+
+
+def test_loggable_items_keep_the_headline_and_leave_spreads_of_other_scores_to_the_history():
+    from peft_c2a.federated.metrics import loggable_items
+
+    record = {
+        "round": 3,
+        "train_loss": 0.5,
+        "train_time": 1.0,
+        "eval_personalized_mean_accuracy": 0.9,
+        "eval_personalized_std_accuracy": 0.1,
+        "eval_personalized_weighted_accuracy": 0.91,
+        "eval_personalized_mean_loss": 0.3,
+        "eval_personalized_weighted_loss": 0.31,
+        "eval_personalized_max_loss": 0.9,
+        "eval_personalized_mean_metric_macro_f1": 0.8,
+        "eval_personalized_worst_metric_macro_f1": 0.5,
+        "eval_personalized_weighted_metric_macro_f1": 0.81,
+        "eval_personalized_std_metric_macro_f1": 0.05,
+        "eval_global_num_examples": 40,
+        "eval_clients": {"a": {"accuracy": 1.0}},
+    }
+    assert sorted(loggable_items(record)) == [
+        "eval_personalized_mean_accuracy",
+        "eval_personalized_mean_loss",
+        "eval_personalized_mean_metric_macro_f1",
+        "eval_personalized_std_accuracy",
+        "eval_personalized_weighted_accuracy",
+        "eval_personalized_worst_metric_macro_f1",
+        "round",
+        "train_loss",
+    ]

@@ -217,7 +217,10 @@ def scalar_items(record: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-_QUIET_SUFFIXES = ("_num_examples", "_weighted_loss", "_max_loss", "_std_loss", "_weighted_macro_f1", "_std_macro_f1")
+_QUIET_SUFFIXES = ("_num_examples", "_max_loss")
+# the weighted means and spreads over clients of every score but accuracy (built-in or `compute_metrics`') stay in
+# history.json: the console and the loggers get the accuracy summaries and the other scores' mean and worst
+_QUIET_SUMMARIES = ("_weighted_", "_std_")
 _QUIET_KEYS = {
     "num_sampled_clients",
     "num_train_examples",
@@ -235,7 +238,9 @@ def loggable_items(record: Mapping[str, Any]) -> dict[str, float]:
     return {
         key: value
         for key, value in scalar_items(record).items()
-        if key not in _QUIET_KEYS and not key.endswith(_QUIET_SUFFIXES)
+        if key not in _QUIET_KEYS
+        and not key.endswith(_QUIET_SUFFIXES)
+        and not (any(part in key for part in _QUIET_SUMMARIES) and not key.endswith("_accuracy"))
     }
 
 
