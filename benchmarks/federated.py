@@ -421,7 +421,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--selection_tie_margin", type=float, default=0.01, help="lr criterion: scores this close to the best tie"
     )
     protocol.add_argument("--proximal_mu", type=float, default=0.01, help="FedProx strength (fedprox_lora)")
-    protocol.add_argument("--lr_scheduler", default="constant")
+    protocol.add_argument("--lr_scheduler", default="constant", help="the schedule within a client's round")
+    protocol.add_argument(
+        "--round_lr_scheduler",
+        default="constant",
+        choices=("constant", "linear", "cosine"),
+        help="the learning rate's decay across rounds (FederatedTrainingArguments.round_lr_scheduler)",
+    )
+    protocol.add_argument(
+        "--test_examples_per_client",
+        type=int,
+        default=0,
+        help="draw this many personal test examples per client with its label mix (sample_like); 0: each client's "
+        "proportional share of the test split (partition_like)",
+    )
     protocol.add_argument("--weight_decay", type=float, default=0.0)
     protocol.add_argument("--max_train_examples", type=int, default=None, help="subsample the training split")
     protocol.add_argument("--max_test_examples", type=int, default=None, help="subsample the test split")

@@ -43,6 +43,10 @@ METHODS: dict[str, Method] = {
     "head": Method("head", "fedavg", "federated", "FedAvg + classifier head only"),
     "local": Method("bottleneck", "fedavg", "local", "local-only bottleneck adapters, one model per client"),
     "centralized": Method("c2a", "fedavg", "centralized", "C2A on all training data pooled (upper bound)"),
+    "centralized_lora": Method("lora", "fedavg", "centralized", "LoRA on all training data pooled (upper bound)"),
+    "centralized_bottleneck": Method(
+        "bottleneck", "fedavg", "centralized", "bottleneck adapters on all training data pooled (upper bound)"
+    ),
     "prior_only": Method(
         "none", "none", "none", "model-free guess: each client predicts its majority training label (no training)"
     ),
@@ -100,7 +104,7 @@ MODEL_FREE = ("prior_only",)  # methods that train nothing: no learning rate, no
 BASELINES = ("bottleneck", "lora", "fedprox_lora", "head", "local", "prior_only", "lora_prior", "lora_ft")
 # the comparison a benchmark runs unless told otherwise; the C2A ablations are chosen with --methods
 DEFAULT_METHODS = ("c2a", "bottleneck", "lora", "fedprox_lora", "head", "local", "centralized", "prior_only")
-UPPER_BOUNDS = ("centralized",)
+UPPER_BOUNDS = ("centralized", "centralized_lora", "centralized_bottleneck")
 SCENARIOS = ("label_skew", "language_skew")
 PHASES = ("select", "final")
 # The issue's targets are checked on these scenarios: (scenario, alpha or None for any alpha).
@@ -110,7 +114,12 @@ ROUNDS_FRACTION = 0.95  # rounds to reach 95 % of the best final personalised me
 TAIL_ROUNDS = 5  # the report also gives accuracies averaged over the last 5 rounds (the final round alone is noisy)
 SELECTION_TIE_MARGIN = 0.01  # lr selection: validation scores within 1 point of the best are ties (-> smaller lr)
 # Settings added after the first results: a run file without them was run with these values.
-SETTING_DEFAULTS: dict[str, Any] = {"selection_rounds": 1, "selection_tie_margin": SELECTION_TIE_MARGIN}
+SETTING_DEFAULTS: dict[str, Any] = {
+    "selection_rounds": 1,
+    "selection_tie_margin": SELECTION_TIE_MARGIN,
+    "round_lr_scheduler": "constant",
+    "test_examples_per_client": 0,
+}
 GRID_EXTENSIONS = 2  # a chosen lr at an edge of the grid adds the next rate beyond it, up to 2 per side
 SELECTION_RULE = (
     f"argmax of the final personalised mean validation accuracy; scores within {SELECTION_TIE_MARGIN} of the best "
@@ -143,6 +152,8 @@ PROTOCOL_KEYS = (
     "weight_decay",
     "max_train_examples",
     "max_test_examples",
+    "round_lr_scheduler",
+    "test_examples_per_client",
 )
 LANGUAGE_KEYS = (
     "languages",
@@ -344,6 +355,11 @@ def protocol_mismatch(document: Mapping[str, Any], spec: RunSpec) -> dict[str, t
     """Protocol settings that differ between a run file and the spec that would redo it: {key: (file, now)}."""
     old = {**SETTING_DEFAULTS, **document.get("config", {}).get("settings", {})}
     return {key: (old.get(key), value) for key, value in spec.settings.items() if old.get(key) != value}
+
+
+def setting(settings: Mapping[str, Any], key: str) -> Any:
+    """A protocol setting of a run, with `SETTING_DEFAULTS` for files written before the setting existed."""
+    return {**SETTING_DEFAULTS, **settings}[key]
 
 
 def selection_rule(settings: Mapping[str, Any]) -> str:

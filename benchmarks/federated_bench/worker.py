@@ -26,6 +26,7 @@ from .protocol import (
     SCENARIOS,
     RunSpec,
     atomic_write_json,
+    setting,
     tail_mean,
 )
 
@@ -138,6 +139,7 @@ def build_federation(spec: RunSpec) -> Federation:
         train_groups=groups,
         test_groups=None if groups is None else data["test"]["language"],
         clients_per_group=settings.get("clients_per_language"),
+        test_examples_per_client=setting(settings, "test_examples_per_client") or None,
     )
     names, parts, client_groups = split.names, split.parts, split.groups
     unseen = choose_unseen_clients(names, settings["unseen_fraction"], seed, client_groups)
@@ -206,6 +208,7 @@ def training_arguments(spec: RunSpec, output_dir: str) -> Any:
         report_to="none",
         logging_strategy="no",
         disable_tqdm=True,
+        round_lr_scheduler=setting(settings, "round_lr_scheduler"),
         **dict(method.trainer_options),
     )
 

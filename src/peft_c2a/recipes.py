@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
-from .federated.client_splits import grouped_partition_like, label_counts, partition_like
+from .federated.client_splits import grouped_partition_like, label_counts, partition_like, sample_like
 from .federated.partitioning import dirichlet_label_partition, group_dirichlet_partition
 
 PEFT_METHODS = ("c2a", "bottleneck", "lora", "head")
@@ -159,13 +159,16 @@ def split_into_clients(
     train_groups: Optional[Sequence[Any]] = None,
     test_groups: Optional[Sequence[Any]] = None,
     clients_per_group: Optional[int] = None,
+    test_examples_per_client: Optional[int] = None,
 ) -> ClientSplit:
     """Clients of a training split and their personal test splits.
 
     Without groups: Dirichlet(`alpha`) label skew over `num_clients` clients named `client-00`, `client-01`, ...
     With `train_groups` (one per example, e.g. its language): `clients_per_group` clients per group (default
     `num_clients // number of groups`), Dirichlet labels inside each group; `test_groups` then keeps every client's
-    test split inside its own group. Each client's test split follows its training label mix.
+    test split inside its own group. Each client's test split follows its training label mix: a share of the test
+    split proportional to the client's training share (`partition_like`), or with `test_examples_per_client` that
+    many examples drawn for each client from the (group's) test split (`sample_like`; clients may share some).
     """
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
@@ -173,6 +176,8 @@ def split_into_clients(
         parts = dirichlet_label_partition(train_labels, num_clients, alpha, min_client_size, seed, num_labels)
         names = [f"client-{i:02d}" for i in range(len(parts))]
         counts = label_counts(parts, train_labels, num_labels)
+        if test_examples_per_client:
+            return ClientSplit(names, parts, sample_like(test_labels, counts, test_examples_per_client, seed), counts)
         return ClientSplit(names, parts, partition_like(test_labels, counts, seed=seed), counts)
     if test_groups is None:
         raise ValueError("A split by group needs the group of every test example (`test_groups`).")
@@ -183,7 +188,17 @@ def split_into_clients(
     )
     counts = label_counts(parts, train_labels, num_labels)
     client_groups = [train_groups[int(part[0])] for part in parts]
-    test_parts = grouped_partition_like(test_labels, [str(g) for g in test_groups], counts, client_groups, seed)
+    test_groups = [str(g) for g in test_groups]
+    if test_examples_per_client:
+        test_parts = [np.empty(0, dtype=np.int64)] * len(parts)
+        for group in sorted(set(client_groups)):
+            members = np.flatnonzero(np.asarray(test_groups) == group)
+            mine = [i for i, g in enumerate(client_groups) if g == group]
+            drawn = sample_like(test_labels[members], counts[mine], test_examples_per_client, seed)
+            for client, part in zip(mine, drawn, strict=True):
+                test_parts[client] = members[part]
+    else:
+        test_parts = grouped_partition_like(test_labels, test_groups, counts, client_groups, seed)
     return ClientSplit(names, parts, test_parts, counts, client_groups)
 
 

@@ -571,3 +571,16 @@ def test_protocol_v2_baselines_differ_only_in_their_trainer_options(bench, proto
         reference.num_rounds,
         reference.local_max_steps,
     )
+
+
+def test_protocol_v2_settings_reach_the_run_and_older_files_keep_v1_values(bench, proto, worker, tmp_path):
+    argv = ["--quick", "--output_dir", str(tmp_path), "--round_lr_scheduler", "cosine"]
+    settings = bench.protocol_settings(bench.parse_args([*argv, "--test_examples_per_client", "20"]), "label_skew")
+    assert (settings["round_lr_scheduler"], settings["test_examples_per_client"]) == ("cosine", 20)
+    spec = proto.RunSpec("label_skew", 0.1, "c2a", "final", 3e-3, 0, settings=settings)
+    assert worker.training_arguments(spec, str(tmp_path)).round_lr_scheduler == "cosine"
+    # a run file written before the settings existed was run with constant rates and proportional test splits
+    old = {k: v for k, v in settings.items() if k not in ("round_lr_scheduler", "test_examples_per_client")}
+    v1 = bench.protocol_settings(bench.parse_args(["--quick", "--output_dir", str(tmp_path)]), "label_skew")
+    assert proto.setting(old, "round_lr_scheduler") == v1["round_lr_scheduler"] == "constant"
+    assert proto.setting(old, "test_examples_per_client") == v1["test_examples_per_client"] == 0

@@ -108,3 +108,21 @@ def test_tokenize_for_classification_keeps_inputs_and_labels_only():
     encoded = tokenize_for_classification(data, Whitespace(), "body", "topic", max_length=2, prefix="x ")
     assert encoded["train"].column_names == ["input_ids", "labels"]
     assert encoded["train"]["input_ids"] == [[1, 1], [1, 4]] and encoded["train"]["labels"] == [1, 0]
+
+
+def test_split_into_clients_can_draw_a_fixed_number_of_test_examples_per_client():
+    rng = np.random.default_rng(0)
+    train, test = rng.integers(0, 4, size=400), rng.integers(0, 4, size=200)
+    split = split_into_clients(train, test, 4, num_clients=8, alpha=0.1, min_client_size=5, seed=0,
+                               test_examples_per_client=20)  # fmt: skip
+    for part, counts in zip(split.test_parts, split.counts, strict=True):
+        held = set(np.flatnonzero(counts).tolist())
+        assert set(test[part].tolist()) <= held  # only the client's own labels
+        assert len(part) == min(20, sum(int((test == label).sum()) for label in held))
+    groups = np.array(["en", "de"] * 200)
+    test_groups = np.array(["en", "de"] * 100)
+    grouped = split_into_clients(train, test, 4, num_clients=4, alpha=0.5, min_client_size=5, seed=0,
+                                 train_groups=groups, test_groups=test_groups, test_examples_per_client=15)  # fmt: skip
+    for part, group in zip(grouped.test_parts, grouped.groups, strict=True):
+        assert len(part) <= 15 and set(test_groups[part].tolist()) <= {group}
+    assert max(len(part) for part in grouped.test_parts) == 15
