@@ -73,10 +73,12 @@ from benchmarks.federated_bench.protocol import (  # noqa: E402
     SETTING_DEFAULTS,
     RunSpec,
     fmt_number,
+    mean_criterion,
     protocol_mismatch,
     read_run,
     resolve_selection,
     selection_rule,
+    selection_seeds,
 )
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "federated"
@@ -134,18 +136,22 @@ def selection_state(
         if not unread:
             break
         for lr in unread:
-            probe = RunSpec(
-                **{**asdict(template), "phase": "select", "lr": lr, "seed": template.settings["selection_seed"]}
-            )
-            document = read_run(output_dir / probe.relative_path())
-            if document is None:
+            documents = [
+                read_run(
+                    output_dir
+                    / RunSpec(**{**asdict(template), "phase": "select", "lr": lr, "seed": seed}).relative_path()
+                )
+                for seed in selection_seeds(template.settings)
+            ]
+            if any(document is None for document in documents):
                 absent.add(lr)
             else:
-                scores[lr] = document["derived"].get("criterion", {}).get("value")
+                scores[lr] = mean_criterion([doc["derived"].get("criterion", {}).get("value") for doc in documents])
     record = {
         "rule": selection_rule(template.settings) if len(extended) > 1 else NO_SELECTION_RULE,
         "grid": extended,
         "selection_seed": template.settings["selection_seed"],
+        "selection_seeds": selection_seeds(template.settings),
         "scores": {fmt_number(lr): scores[lr] for lr in extended if lr in scores},
         "missing": missing,
     }
@@ -176,7 +182,8 @@ def plan(args: argparse.Namespace, phase: str) -> list[RunSpec]:
                 )
                 if phase == "select":
                     if len(lrs) > 1:
-                        specs += [RunSpec(**{**asdict(base), "lr": lr}) for lr in lrs]
+                        seeds = selection_seeds(settings)
+                        specs += [RunSpec(**{**asdict(base), "lr": lr, "seed": seed}) for lr in lrs for seed in seeds]
                 else:
                     specs += [RunSpec(**{**asdict(base), "seed": int(seed)}) for seed in args.seeds]
     return specs
@@ -234,7 +241,8 @@ def run_queue(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Namespa
         # only rates beyond the grid are added here: a missing grid rate is a select run that could not start
         for lr in [lr for lr in record["missing"] if lr not in template.lr_grid and lr not in tried]:
             tried.add(lr)
-            enqueue(RunSpec(**{**asdict(template), "lr": lr}), priority=rank[id(template)])
+            for seed in selection_seeds(template.settings):
+                enqueue(RunSpec(**{**asdict(template), "lr": lr, "seed": seed}), priority=rank[id(template)])
         if not selects_running[key]:
             for final in held_finals.pop(key, []):
                 enqueue(final)
@@ -401,6 +409,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
     protocol = parser.add_argument_group("protocol (recorded in every run; must match to reuse a run file)")
     protocol.add_argument("--selection_seed", type=int, default=0, help="seed of the lr-selection runs")
+    protocol.add_argument(
+        "--selection_seeds",
+        type=int,
+        default=1,
+        help="how many selection seeds (selection_seed, selection_seed + 1, ...) a rate's score averages over",
+    )
     protocol.add_argument("--partition_seed", type=int, default=0, help="seed of splits, partitions, unseen clients")
     protocol.add_argument("--num_clients", type=int, default=20, help="label_skew clients")
     protocol.add_argument("--clients_per_round", type=int, default=10)

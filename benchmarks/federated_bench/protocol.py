@@ -119,6 +119,7 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "selection_tie_margin": SELECTION_TIE_MARGIN,
     "round_lr_scheduler": "constant",
     "test_examples_per_client": 0,
+    "selection_seeds": 1,
 }
 GRID_EXTENSIONS = 2  # a chosen lr at an edge of the grid adds the next rate beyond it, up to 2 per side
 SELECTION_RULE = (
@@ -154,6 +155,7 @@ PROTOCOL_KEYS = (
     "max_test_examples",
     "round_lr_scheduler",
     "test_examples_per_client",
+    "selection_seeds",
 )
 LANGUAGE_KEYS = (
     "languages",
@@ -362,6 +364,20 @@ def setting(settings: Mapping[str, Any], key: str) -> Any:
     return {**SETTING_DEFAULTS, **settings}[key]
 
 
+def selection_seeds(settings: Mapping[str, Any]) -> list[int]:
+    """The seeds of the learning-rate selection: `selection_seed` and the `selection_seeds - 1` after it (a rate's
+    score is the mean of its runs' criteria over them; protocol v2 uses 2)."""
+    first = int(settings["selection_seed"])
+    return [first + i for i in range(int(setting(settings, "selection_seeds")))]
+
+
+def mean_criterion(criteria: Sequence[Optional[float]]) -> Optional[float]:
+    """A rate's selection score: the mean of its runs' criteria, `None` if any run failed (failed runs never win)."""
+    if not criteria or any(value is None for value in criteria):
+        return None
+    return float(np.mean(criteria))
+
+
 def selection_rule(settings: Mapping[str, Any]) -> str:
     """The lr-selection rule of a protocol, in words."""
     rounds = settings.get("selection_rounds", SETTING_DEFAULTS["selection_rounds"])
@@ -372,7 +388,9 @@ def selection_rule(settings: Mapping[str, Any]) -> str:
         else f"the personalised mean validation accuracy averaged over the last {rounds} rounds"
     )
     ties = f"scores within {margin} of the best are ties -> smaller lr; " if margin else ""
+    seeds = selection_seeds(settings) if "selection_seed" in settings else [0]
+    over = f", mean over selection seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
     return (
-        f"argmax of {criterion}; {ties}failed runs never win; a winner at an edge of the grid adds the next rate "
+        f"argmax of {criterion}{over}; {ties}failed runs never win; a winner at an edge of the grid adds the next rate "
         f"beyond it (up to {GRID_EXTENSIONS} per side)"
     )

@@ -27,11 +27,13 @@ from .protocol import (
     atomic_write_json,
     atomic_write_text,
     fmt_number,
+    mean_criterion,
     mean_std,
     read_run,
     resolve_selection,
     rounds_to_reach,
     selection_rule,
+    selection_seeds,
     tail_mean,
 )
 from .render import markdown, pm, write_csv, write_plots
@@ -112,12 +114,17 @@ def method_row(method: str, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
     grid = sorted({float(lr) for run in finals for lr in run["config"]["lr_grid"]}) or sorted(
         {float(lr) for run in runs["select"] for lr in run["config"]["lr_grid"]}
     )
-    scores = {}
-    for run in runs["select"]:
-        if run["config"]["seed"] == run["config"]["settings"]["selection_seed"]:
-            scores[float(run["config"]["lr"])] = run["derived"].get("criterion", {}).get("value")
-    chosen: Optional[float] = None
     settings = next((run["config"]["settings"] for run in [*finals, *runs["select"]]), {})
+    seeds = selection_seeds(settings) if settings else []
+    criteria: dict[float, dict[int, Optional[float]]] = {}
+    for run in runs["select"]:
+        if run["config"]["seed"] in seeds:
+            by_seed = criteria.setdefault(float(run["config"]["lr"]), {})
+            by_seed[int(run["config"]["seed"])] = run["derived"].get("criterion", {}).get("value")
+    scores = {
+        lr: mean_criterion(list(by_seed.values())) for lr, by_seed in criteria.items() if len(by_seed) == len(seeds)
+    }
+    chosen: Optional[float] = None
     margin = {**SETTING_DEFAULTS, **settings}["selection_tie_margin"]
     if grid:
         chosen, grid, missing = resolve_selection(grid, scores, margin=margin)

@@ -584,3 +584,45 @@ def test_protocol_v2_settings_reach_the_run_and_older_files_keep_v1_values(bench
     v1 = bench.protocol_settings(bench.parse_args(["--quick", "--output_dir", str(tmp_path)]), "label_skew")
     assert proto.setting(old, "round_lr_scheduler") == v1["round_lr_scheduler"] == "constant"
     assert proto.setting(old, "test_examples_per_client") == v1["test_examples_per_client"] == 0
+
+
+def test_selection_over_two_seeds_averages_their_criteria(bench, proto, reporting, tmp_path):
+    args = bench.parse_args(
+        [
+            "--quick",
+            "--methods",
+            "c2a",
+            "--lrs",
+            "0.001",
+            "0.003",
+            "--selection_seeds",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    selects = bench.plan(args, "select")
+    assert sorted((spec.lr, spec.seed) for spec in selects) == [(0.001, 0), (0.001, 1), (0.003, 0), (0.003, 1)]
+    assert "mean over selection seeds 0, 1" in proto.selection_rule(selects[0].settings)
+    # 3e-3 wins on seed 0 but loses on average; until seed 1 of a rate exists the selection waits for it
+    criteria = {(0.001, 0): 0.70, (0.003, 0): 0.75, (0.001, 1): 0.80}
+    for (lr, seed), value in criteria.items():
+        spec = next(s for s in selects if (s.lr, s.seed) == (lr, seed))
+        document = fake_run("c2a", seed, [value], 0.5, 1, lr=lr, phase="select", grid=(1e-3, 3e-3), criterion=value)
+        document["config"]["settings"], document["complete"] = spec.settings, True
+        proto.atomic_write_json(tmp_path / spec.relative_path(), document)
+    final = bench.plan(args, "final")[0]
+    chosen, record = bench.selection_state(tmp_path, final, final.lr_grid)
+    assert chosen is None and record["missing"] == [0.003]
+    spec = next(s for s in selects if (s.lr, s.seed) == (0.003, 1))
+    document = fake_run("c2a", 1, [0.70], 0.5, 1, lr=0.003, phase="select", grid=(1e-3, 3e-3), criterion=0.70)
+    document["config"]["settings"], document["complete"] = spec.settings, True
+    proto.atomic_write_json(tmp_path / spec.relative_path(), document)
+    chosen, record = bench.selection_state(tmp_path, final, final.lr_grid)
+    assert record["scores"] == {"0.001": pytest.approx(0.75), "0.003": pytest.approx(0.725)}
+    assert record["selection_seeds"] == [0, 1]
+    assert chosen is None and record["missing"] == [3e-4]  # 1e-3 wins at the grid's edge: the rule looks beyond
+    runs = [proto.read_run(path) for path in tmp_path.rglob("seed-*.json")]
+    row = reporting.aggregate(runs)["scenarios"][0]["methods"]["c2a"]
+    scored = {lr: value for lr, value in row["selection_scores"].items() if value is not None}
+    assert scored == {"0.001": pytest.approx(0.75), "0.003": pytest.approx(0.725)}
