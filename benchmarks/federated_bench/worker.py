@@ -188,7 +188,7 @@ def training_arguments(spec: RunSpec, output_dir: str) -> Any:
     if method.federation_mode == "centralized":
         # one pooled client per round: give it the examples a federated round processes, not 1/clients_per_round
         local_steps *= settings["clients_per_round"]
-    return FederatedTrainingArguments(
+    values = dict(
         output_dir=output_dir,
         num_rounds=settings["num_rounds"],
         clients_per_round=settings["clients_per_round"],
@@ -209,8 +209,9 @@ def training_arguments(spec: RunSpec, output_dir: str) -> Any:
         logging_strategy="no",
         disable_tqdm=True,
         round_lr_scheduler=setting(settings, "round_lr_scheduler"),
-        **dict(method.trainer_options),
     )
+    # what defines the method (FedProx's mu of a variant, FedAvg-FT's steps, ...) overrides the shared settings
+    return FederatedTrainingArguments(**{**values, **dict(method.trainer_options)})
 
 
 def derive(history: Sequence[Mapping[str, Any]], phase: str, selection_rounds: int = 1) -> dict[str, Any]:

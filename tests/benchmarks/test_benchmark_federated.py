@@ -293,7 +293,8 @@ def test_aggregate_rounds_threshold_and_targets(reporting):
     assert targets[1].startswith("PASS") and "worst-client" in targets[1]  # 0.61 >= 0.50 + 0.02
     assert targets[2].startswith("PASS") and "rounds" in targets[2]  # 3 vs not reached
     assert targets[3].startswith("PASS") and "bytes" in targets[3]
-    assert "MISSING fedprox_lora, head" in targets[0]  # a missing baseline is named, never silently dropped
+    # a missing baseline is named, never silently dropped
+    assert "MISSING fedprox_lora, fedprox_lora_mu0.001, fedprox_lora_mu0.1, head" in targets[0]
     assert targets[-1] == "MISSING: language_skew: no results"
     summary["targets"] = targets
     text = reporting.markdown(summary)
@@ -558,6 +559,9 @@ def test_language_skew_path_with_stand_in_data(bench, tmp_path, monkeypatch, res
         ("lora_ft", {"eval_logit_adjustment": 0.0, "personalization_steps": 5}),
         ("c2a_ft", {"eval_logit_adjustment": 0.0, "personalization_steps": 5}),
         ("lora", {"eval_logit_adjustment": 0.0, "personalization_steps": 0}),
+        ("fedprox_lora", {"aggregation": "fedprox", "proximal_mu": 0.01}),
+        ("fedprox_lora_mu0.1", {"aggregation": "fedprox", "proximal_mu": 0.1}),
+        ("fedprox_lora_mu0.001", {"aggregation": "fedprox", "proximal_mu": 0.001}),
     ],
 )
 def test_protocol_v2_baselines_differ_only_in_their_trainer_options(bench, proto, worker, tmp_path, method, expected):
