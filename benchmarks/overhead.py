@@ -62,8 +62,7 @@ from torch import nn  # noqa: E402
 from benchmarks.support.machine import (  # noqa: E402
     environment,
     parameter_counts,
-    reset_peak_rss,
-    status_kb,
+    peak_rss_during,
 )
 
 METHODS = ("head", "bottleneck", "c2a", "lora")
@@ -160,22 +159,11 @@ def memory_worker(method: str, batch_path: str, steps: int, threads: int) -> dic
     model = build_model(method)
     optimizer = make_optimizer(model)
     inputs = model_inputs(method, batch)
-    gc.collect()
-    baseline_kb = status_kb("VmRSS")
-    reset = reset_peak_rss()
-    for _ in range(steps):
-        train_step(model, optimizer, inputs)
     # VmHWM is the peak RSS of this process's memory map since the reset. `ru_maxrss` would be the same number in a
     # process started from a small one, but a child forked from a big Python process inherits the parent's RSS at
     # fork as its `ru_maxrss` floor (kernel: signal->maxrss set at exec), which hides the training peak.
-    peak_kb = status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "baseline_rss_mb": baseline_kb / 1024,
-        "peak_rss_mb": peak_kb / 1024,
-        "peak_increase_mb": (peak_kb - baseline_kb) / 1024,
-        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_mark_reset": reset,
-    }
+    measured = peak_rss_during(lambda: [train_step(model, optimizer, inputs) for _ in range(steps)])
+    return measured | {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def measure_memory(methods: list[str], batch_path: str, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:

@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.support` impo
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.support.machine import environment, reset_peak_rss, status_kb  # noqa: E402
+from benchmarks.support.machine import environment, peak_rss_during  # noqa: E402
 
 MODELS = ("base", "c2a", "c2a_static", "bottleneck", "exported", "c2a_lora", "lora_exported", "lora_merged")
 NUM_LABELS = 5
@@ -155,17 +155,8 @@ def memory_worker(name: str, batch_size: int, seq_len: int, forwards: int, threa
     with tempfile.TemporaryDirectory() as scratch:
         model = build(name, Path(scratch))
     batch = make_batch(batch_size, seq_len)
-    gc.collect()
-    baseline_kb = status_kb("VmRSS")
-    reset = reset_peak_rss()
-    for _ in range(forwards):
-        forward(model, name, batch)
-    peak_kb = status_kb("VmHWM")
-    return {
-        "baseline_rss_mb": baseline_kb / 1024,
-        "peak_increase_mb": (peak_kb - baseline_kb) / 1024 if reset else None,
-        "model_mb": model_bytes(model) / 2**20,
-    }
+    measured = peak_rss_during(lambda: [forward(model, name, batch) for _ in range(forwards)])
+    return measured | {"model_mb": model_bytes(model) / 2**20}
 
 
 def summarize(values: list[float]) -> dict[str, float]:

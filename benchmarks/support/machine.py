@@ -1,7 +1,8 @@
 """What machine and which code a benchmark ran on, and what a process costs: the helpers every benchmark shares.
 
 - `environment`: the hardware, software versions and provenance recorded in every result file.
-- `status_kb` / `reset_peak_rss`: a process's resident memory and its peak, from `/proc/self/status`.
+- `status_kb` / `reset_peak_rss` / `peak_rss_during`: a process's resident memory and its peak, from
+  `/proc/self/status`.
 - `parameter_counts`: trainable parameters (with and without the classifier head) and the bytes a client uploads.
 """
 
@@ -89,6 +90,26 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def peak_rss_during(work: Any) -> dict[str, Any]:
+    """Run `work()` and measure this process's peak RSS during it above the RSS before it (garbage collected first;
+    the peak mark is reset so that set-up transients cannot hide the peak). Where the kernel does not allow the reset,
+    the peak is `ru_maxrss`, the process's lifetime peak (`peak_mark_reset` says which)."""
+    import gc
+    import resource
+
+    gc.collect()
+    baseline_kb = status_kb("VmRSS")
+    reset = reset_peak_rss()
+    work()
+    peak_kb = status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "baseline_rss_mb": baseline_kb / 1024,
+        "peak_rss_mb": peak_kb / 1024,
+        "peak_increase_mb": (peak_kb - baseline_kb) / 1024,
+        "peak_mark_reset": reset,
+    }
 
 
 def is_head_parameter(name: str) -> bool:
