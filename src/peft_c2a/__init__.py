@@ -14,7 +14,7 @@ Importing this package registers two PEFT methods under plain string types, so t
 from .conditioning import check_client_ids, normalize_label_distribution
 from .config import BOTTLENECK_PEFT_TYPE, C2A_PEFT_TYPE, BottleneckAdapterConfig, C2AConfig
 from .hypernetwork import C2AHyperNetwork
-from .layer import BottleneckAdapterLayer, C2ALayer
+from .layer import BottleneckAdapterLayer, C2ALayer, C2ALoraLayer
 from .model import BottleneckAdapterModel, C2AModel
 from .registration import register_peft_types
 
@@ -31,6 +31,7 @@ __all__ = [
     "C2AConfig",
     "C2AHyperNetwork",
     "C2ALayer",
+    "C2ALoraLayer",
     "C2AModel",
     "check_client_ids",
     "normalize_label_distribution",
