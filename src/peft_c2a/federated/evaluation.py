@@ -97,10 +97,12 @@ class FederatedEvaluation(Trainer):
         steps = self.args.personalization_steps
         if not steps or kind not in ("client", "unseen"):
             return self._scores(kind, name, ignore_keys)
-        # FedAvg-FT: fine-tune on the client's own data from the state it is evaluated with, score, put it back
+        # FedAvg-FT: fine-tune on the client's own data from the state it is evaluated with, score, put it back. Its
+        # seed depends on the client only (round 0 of its own stream): a Flower node, which knows no round here,
+        # fine-tunes exactly as the single-process trainer does
         state = self.get_trainable_state()
         try:
-            self._run_local_training(name, self.state.global_step, state, personalization_steps=steps)
+            self._run_local_training(name, 0, state, personalization_steps=steps)
             return self._scores(kind, name, ignore_keys)
         finally:
             self.load_trainable_state(state)
