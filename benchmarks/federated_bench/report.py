@@ -178,6 +178,14 @@ def method_row(method: str, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
         "per_client_accuracy": _per_client(ok, "per_client_accuracy"),
         "unseen_client_accuracy": _per_client(ok, "unseen_client_accuracy"),
         "per_seed": per_seed_scores(ok, TAIL_ROUNDS),
+        "min_global_predicted_classes": min(
+            (
+                run["derived"]["min_global_predicted_classes"]
+                for run in ok
+                if run["derived"].get("min_global_predicted_classes")
+            ),
+            default=None,
+        ),
     }
     return row
 
@@ -276,6 +284,15 @@ def scenario_targets(scenario: Mapping[str, Any]) -> list[str]:
         verdict = "PASS" if mine_bytes <= their_bytes else "FAIL"
         lines.append(
             f"{verdict}: {name}: C2A bytes up per client per round {mine_bytes:,.0f} <= LoRA {their_bytes:,.0f}"
+        )
+    fewest = c2a.get("min_global_predicted_classes")
+    if fewest is None:
+        lines.append(f"MISSING: {name}: no record of the classes C2A's global model predicted per round")
+    else:
+        verdict = "PASS" if fewest >= 2 else "FAIL"
+        lines.append(
+            f"{verdict}: {name}: no collapsed round: C2A's global model predicted >= {fewest} classes in every "
+            f"evaluated round of every final seed (target >= 2)"
         )
     return lines
 

@@ -248,6 +248,12 @@ def derive(history: Sequence[Mapping[str, Any]], phase: str, selection_rounds: i
                 "unseen_mean_accuracy",
             )
         },
+        # the fewest classes the global model predicted in any evaluated round (1: a collapsed round; final runs only,
+        # select runs have no global test set)
+        "min_global_predicted_classes": min(
+            (r["eval_global_predicted_classes"] for r in evaluated if "eval_global_predicted_classes" in r),
+            default=None,
+        ),
         "bytes_up_per_client_per_round": max((r.get("bytes_up_per_client", 0) for r in history), default=0),
         "bytes_down_per_client_per_round": max(
             (r["bytes_down"] / r["num_sampled_clients"] for r in history if r.get("num_sampled_clients")), default=0

@@ -630,3 +630,26 @@ def test_selection_over_two_seeds_averages_their_criteria(bench, proto, reportin
     row = reporting.aggregate(runs)["scenarios"][0]["methods"]["c2a"]
     scored = {lr: value for lr, value in row["selection_scores"].items() if value is not None}
     assert scored == {"0.001": pytest.approx(0.75), "0.003": pytest.approx(0.725)}
+
+
+def test_a_collapsed_round_is_found_and_fails_its_target(worker, reporting):
+    history = [
+        {
+            "round": r,
+            "eval_personalized_mean_accuracy": 0.5,
+            "eval_global_predicted_classes": k,
+            "local_steps": 5,
+            "train_time": 1.0,
+        }
+        for r, k in enumerate([5, 1, 4], start=1)
+    ]
+    assert worker.derive(history, "final")["min_global_predicted_classes"] == 1
+    assert worker.derive(history[:1], "final")["min_global_predicted_classes"] == 5
+    runs = [fake_run("c2a", seed, [0.6, 0.7], 0.5, 10) for seed in (0, 1)] + [fake_run("lora", 0, [0.5], 0.4, 20)]
+    runs[0]["derived"]["min_global_predicted_classes"], runs[1]["derived"]["min_global_predicted_classes"] = 3, 1
+    summary = reporting.aggregate(runs)
+    lines = reporting.scenario_targets(summary["scenarios"][0])
+    assert "FAIL: label_skew alpha=0.1: no collapsed round: C2A's global model predicted >= 1 classes" in lines[-1]
+    runs[1]["derived"]["min_global_predicted_classes"] = 2
+    lines = reporting.scenario_targets(reporting.aggregate(runs)["scenarios"][0])
+    assert lines[-1].startswith("PASS") and ">= 2 classes" in lines[-1]

@@ -97,3 +97,12 @@ def test_prior_logit_offsets_are_centred_and_scaled():
 def test_bad_values_raise(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         fed_args(tmp_path, **overrides)
+
+
+def test_the_global_evaluation_counts_the_classes_it_predicts(tmp_path):
+    clients, evals = make_clients({"a": 10, "b": 10}, eval_size=8)
+    trainer = build(tmp_path, clients, evals, num_rounds=2, eval_dataset=evals["a"])
+    trainer.train()
+    for record in trainer.history:
+        assert 1 <= record["eval_global_predicted_classes"] <= 3
+        assert all("predicted_classes" not in scores for scores in record["eval_clients"].values())

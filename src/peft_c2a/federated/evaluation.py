@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 from accelerate.utils import gather_object
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_concat, nested_numpify
@@ -152,6 +153,8 @@ class FederatedEvaluation(Trainer):
                 predictions, labels_np = predictions[:, :-1], labels_np[:, 1:]
             if predictions.shape == labels_np.shape:
                 scores.update(classification_metrics(predictions, labels_np))
+                if kind == "global":  # how many classes the global model still predicts: 1 is a collapsed model
+                    scores["predicted_classes"] = int(np.unique(predictions[labels_np != -100]).size)
                 if client.label_counts is not None and kind in ("client", "unseen"):
                     scores["prior_only_accuracy"] = prior_only_accuracy(client.label_counts, labels_np)
             if self.compute_metrics is not None:
