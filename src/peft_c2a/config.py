@@ -268,3 +268,13 @@ class C2AConfig(_AdapterSitesConfig):
                 raise ValueError(
                     f"`label_names` has {len(self.label_names)} names but `num_labels` is {self.num_labels}."
                 )
+
+    def check_exportable(self) -> None:
+        """Raise `ValueError` unless a static adapter can reproduce this C2A adapter exactly for one client
+        (`export_adapter`, `FederatedTrainer.export_client_adapters`)."""
+        if self.use_context:
+            raise ValueError(
+                "This C2A adapter conditions on each input's context (`use_context=True`), so its weights change with "
+                "every example and no static adapter reproduces them. Export works for adapters trained with "
+                "`C2AConfig(use_context=False)`."
+            )

@@ -58,7 +58,7 @@ def export_static_adapter(
     if adapter_name not in configs or adapter_name not in tuner.c2a_hypernet:
         raise ValueError(f"No C2A adapter named {adapter_name!r}; the model has {sorted(configs)}.")
     config: C2AConfig = configs[adapter_name]
-    check_exportable(config)
+    config.check_exportable()
     hyper = tuner.c2a_hypernet[adapter_name]
     probs = _client_probabilities(hyper, label_distribution)
     ids = None
@@ -137,16 +137,6 @@ def export_static_adapter(
     }
     (save_directory / "c2a_export.json").write_text(json.dumps(descriptor_note, indent=1) + "\n")
     return save_directory
-
-
-def check_exportable(config: C2AConfig) -> None:
-    """Raise `ValueError` unless a static adapter can reproduce `config`'s C2A adapter exactly."""
-    if config.use_context:
-        raise ValueError(
-            "This C2A adapter conditions on each input's context (`use_context=True`), so its weights change with "
-            "every example and no static adapter reproduces them. Export works for adapters trained with "
-            "`C2AConfig(use_context=False)`."
-        )
 
 
 def _client_probabilities(hyper: nn.Module, label_distribution: Any) -> Optional[torch.Tensor]:

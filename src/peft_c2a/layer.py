@@ -146,15 +146,14 @@ class C2ALayer(_BottleneckLayerBase):
         self, adapter_name: str, config: C2AConfig, site: AdapterSite, inference_mode: bool = False
     ) -> None:
         self._update_common(adapter_name, config)
-        self.c2a_down_bias[adapter_name] = nn.Parameter(torch.zeros(config.bottleneck_dim))
-        self.c2a_up_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
         self.c2a_layer_id[adapter_name] = site.layer_id
         self.c2a_site[adapter_name] = site.kind
         self.c2a_decoder_site[adapter_name] = site.decoder_site
         self.c2a_causal[adapter_name] = site.causal
-        device = self.get_base_layer().weight.device
-        for container in (self.c2a_down_bias, self.c2a_up_bias):
-            container[adapter_name] = nn.Parameter(container[adapter_name].to(device))
+        if self.adapter_layer_names:  # the adapter biases (C2A-LoRA's layer has none)
+            device = self.get_base_layer().weight.device
+            self.c2a_down_bias[adapter_name] = nn.Parameter(torch.zeros(config.bottleneck_dim, device=device))
+            self.c2a_up_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features, device=device))
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     # ------------------------------------------------------------------ the adapter
@@ -278,9 +277,8 @@ class C2ALoraLayer(C2ALayer):
         if not hasattr(self, "c2a_lora_scaling"):
             self.c2a_lora_scaling: dict[str, float] = {}
         self.c2a_lora_scaling[adapter_name] = config.lora_alpha / config.bottleneck_dim
+        # no adapter biases (PEFT's bias="none", `adapter_layer_names` is empty): nothing of the layer's own trains
         super().update_layer(adapter_name, config, site, inference_mode=inference_mode)
-        # the generated LoRA has no biases (PEFT's bias="none"): nothing of the layer's own trains or travels
-        del self.c2a_down_bias[adapter_name], self.c2a_up_bias[adapter_name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

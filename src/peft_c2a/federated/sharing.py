@@ -89,11 +89,7 @@ class HubSharing(Trainer):
         if len(set(folders.values())) != len(folders):
             raise ValueError("Two client names map to the same folder name; export them to separate folders.")
         config = self.model.peft_config[self.model.active_adapter]
-        if config.use_context:  # checked on every process: only the first one writes, the others wait for it
-            raise ValueError(
-                "A static adapter reproduces a C2A client only without the context term: export needs a model "
-                "trained with `C2AConfig(use_context=False)` (see peft_c2a.export)."
-            )
+        config.check_exportable()  # on every process: only the first one writes, the others wait for it
         if not self.global_state:
             raise RuntimeError("Nothing to export yet: run `train()` (or resume from a checkpoint) first.")
         last_scores = _last_client_scores(self.history)
