@@ -10,6 +10,11 @@ same clients; a run's seed sets the model initialisation, the client sampling an
 
 Protocol:
 
+0. Budget (phase "budget", only with `--num_rounds plateau`): C2A and FedAvg-LoRA train `PROBE_ROUNDS` rounds at one
+   rate and a constant schedule on the selection seed's fit / validation splits; the rounds of every method are the
+   latest round at which a probe's trailing validation mean reached its plateau (`federated_bench/budget.py`), so
+   the budget is decided on validation curves before any selection or final run exists. `--local_steps epoch` gives
+   every client one epoch of the mean training client per round.
 1. Learning-rate selection (phase "select"): every method runs every rate of `--lrs` with `--selection_seed` on
    fit / validation splits of each client's training data (`--val_fraction`); the criterion is the personalised mean
    validation accuracy, averaged over the last `--selection_rounds` rounds, the same for every method; scores within
@@ -28,6 +33,7 @@ results are in docs/benchmarks.md.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/federated.py --quick --output_dir /tmp/fed-quick   # ~2 min
     .venv/bin/python benchmarks/federated.py --scenarios label_skew --alphas 0.1 --phase all
+    .venv/bin/python benchmarks/federated.py --protocol v2 --dry_run    # issue 20's frozen protocol and its cost
     .venv/bin/python benchmarks/federated.py --dry_run          # what is done, pending or blocked
     .venv/bin/python benchmarks/federated.py --report
 """
@@ -47,7 +53,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from queue import PriorityQueue
 from typing import Any, Optional
@@ -59,17 +65,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.federated_bench` importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.federated_bench import arguments, worker  # noqa: E402
 from benchmarks.federated_bench import report as reporting  # noqa: E402
-from benchmarks.federated_bench import worker  # noqa: E402
+from benchmarks.federated_bench.budget import BUDGET_PHASE, PLATEAU_ROUNDS, probe_specs, resolve_budget  # noqa: E402
 from benchmarks.federated_bench.protocol import (  # noqa: E402
-    DEFAULT_METHODS,
     LANGUAGE_KEYS,
-    METHODS,
     MODEL_FREE,
     NO_SELECTION_RULE,
     PHASES,
     PROTOCOL_KEYS,
-    SCENARIOS,
     SETTING_DEFAULTS,
     RunSpec,
     fmt_number,
@@ -80,24 +84,6 @@ from benchmarks.federated_bench.protocol import (  # noqa: E402
     selection_rule,
     selection_seeds,
 )
-
-DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "federated"
-QUICK = dict(
-    scenarios=["label_skew"],
-    alphas=[0.1],
-    methods=list(DEFAULT_METHODS),
-    lrs=[3e-3],
-    seeds=[0],
-    selection_seed=0,
-    num_clients=8,
-    clients_per_round=4,
-    num_rounds=2,
-    local_steps=2,
-    max_seq_length=32,
-    max_train_examples=400,
-    max_test_examples=120,
-)
-
 
 # =====================================================================================================================
 # Planning and running
@@ -161,11 +147,19 @@ def selection_state(
 
 
 def plan(args: argparse.Namespace, phase: str) -> list[RunSpec]:
-    """The runs of one phase for the selected scenarios, alphas, methods (and seeds)."""
+    """The runs of one phase for the selected scenarios, alphas, methods (and seeds).
+
+    The budget phase plans the probes of every scenario / alpha whose `num_rounds` is "plateau" (none otherwise);
+    the other phases' runs then keep "plateau" in their settings until `prepare` reads the probes' decision."""
     specs = []
     for scenario in args.scenarios:
         settings = protocol_settings(args, scenario)
         for alpha in scenario_alphas(args, scenario):
+            if phase == BUDGET_PHASE:
+                if settings["num_rounds"] == PLATEAU_ROUNDS:
+                    template = RunSpec(scenario, float(alpha), "", phase, 0.0, 0, settings, threads=args.threads)
+                    specs += [replace(probe, command=command_line()) for probe in probe_specs(template)]
+                continue
             for method in args.methods:
                 lrs = [0.0] if method in MODEL_FREE else [float(lr) for lr in args.lrs]
                 base = RunSpec(
@@ -178,7 +172,7 @@ def plan(args: argparse.Namespace, phase: str) -> list[RunSpec]:
                     settings=settings,
                     lr_grid=lrs,
                     threads=args.threads,
-                    command=" ".join([Path(sys.executable).name, *sys.argv]),
+                    command=command_line(),
                 )
                 if phase == "select":
                     if len(lrs) > 1:
@@ -198,12 +192,21 @@ def execute(args: argparse.Namespace) -> int:
     """
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    problems = 0
+    if args.phase in ("all", BUDGET_PHASE):  # the probes decide the rounds every later run of their scenario takes
+        problems += run_queue(plan(args, BUDGET_PHASE), output_dir, args)
+        if args.phase == BUDGET_PHASE:
+            return problems
     phases = PHASES if args.phase == "all" else (args.phase,)
     specs = sorted(
         (spec for phase in phases for spec in plan(args, phase)),
         key=lambda s: (args.scenarios.index(s.scenario), s.alpha, PHASES.index(s.phase)),
     )
-    return run_queue(specs, output_dir, args)
+    return problems + run_queue(specs, output_dir, args)
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
 
 
 def run_queue(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Namespace) -> int:
@@ -247,9 +250,10 @@ def run_queue(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Namespa
             for final in held_finals.pop(key, []):
                 enqueue(final)
 
-    for spec in specs:
+    for spec in specs:  # budget probes and select runs start at once; finals wait for their selection
         if spec.phase == "select":
             select_templates.setdefault(group(spec), spec)
+        if spec.phase != "final":
             enqueue(spec)
     for spec in specs:
         if spec.phase == "final":
@@ -299,11 +303,19 @@ def e5_model_path() -> str:
 
 
 def prepare(spec: RunSpec, output_dir: Path, args: argparse.Namespace) -> tuple[bool, int]:
-    """Resolve a final run's lr from its selection and decide whether `spec` must run: `(run it, problems)`.
+    """Resolve a run's rounds from its budget probes and a final run's lr from its selection, and decide whether
+    `spec` must run: `(run it, problems)`.
 
     A complete run file with the same protocol is kept (failed ones are redone with --retry_failed); one with other
     protocol settings stops the benchmark rather than mixing protocols.
     """
+    if spec.settings["num_rounds"] == PLATEAU_ROUNDS:
+        rounds, record = resolve_budget(output_dir, spec)
+        if rounds is None:
+            why = f"missing {record['missing']}" if record["missing"] else f"failed {record['failed']}"
+            print(f"blocked  {spec.label()}: budget probes {why}", flush=True)
+            return False, 0 if args.dry_run else 1
+        spec.settings, spec.budget = {**spec.settings, "num_rounds": rounds}, record
     if spec.phase == "final":
         chosen, record = selection_state(output_dir, spec, spec.lr_grid)
         if chosen is None:
@@ -377,103 +389,8 @@ def run_in_subprocess(spec: RunSpec, output_dir: Path, quiet: bool = False) -> b
 # =====================================================================================================================
 
 
-def _translation(text: str) -> tuple[str, str]:
-    language, separator, name = text.partition("=")
-    if not separator or not language or not name:
-        raise argparse.ArgumentTypeError(f"expected LANG=BBNAME, got {text!r}")
-    return language, name
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run = parser.add_argument_group("what to run")
-    run.add_argument("--quick", action="store_true", help="tiny preset: label_skew, alpha 0.1, 1 lr, 1 seed, 2 rounds")
-    run.add_argument("--report", action="store_true", help="only write the summary from the run files")
-    run.add_argument("--no_report", action="store_true", help="do not write the summary after running")
-    run.add_argument("--dry_run", action="store_true", help="list done / pending / blocked runs, run nothing")
-    run.add_argument("--retry_failed", action="store_true", help="rerun runs recorded as failed")
-    run.add_argument("--phase", choices=("select", "final", "all"), default="all")
-    run.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
-    run.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.5, 5.0], help="label_skew Dirichlet alphas")
-    run.add_argument("--language_alpha", type=float, default=0.5, help="Dirichlet alpha inside each language")
-    run.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS))
-    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the final runs")
-    run.add_argument(
-        "--lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], help="learning-rate grid"
-    )
-    run.add_argument("--output_dir", default=str(DEFAULT_OUTPUT))
-    run.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each run")
-    run.add_argument(
-        "--jobs", type=int, default=1, help="runs at a time (each a process with --threads threads; e.g. on a GPU)"
-    )
-
-    protocol = parser.add_argument_group("protocol (recorded in every run; must match to reuse a run file)")
-    protocol.add_argument("--selection_seed", type=int, default=0, help="seed of the lr-selection runs")
-    protocol.add_argument(
-        "--selection_seeds",
-        type=int,
-        default=1,
-        help="how many selection seeds (selection_seed, selection_seed + 1, ...) a rate's score averages over",
-    )
-    protocol.add_argument("--partition_seed", type=int, default=0, help="seed of splits, partitions, unseen clients")
-    protocol.add_argument("--num_clients", type=int, default=20, help="label_skew clients")
-    protocol.add_argument("--clients_per_round", type=int, default=10)
-    protocol.add_argument("--unseen_fraction", type=float, default=0.2)
-    protocol.add_argument("--num_rounds", type=int, default=15)
-    protocol.add_argument("--local_steps", type=int, default=5, help="local optimizer steps per client per round")
-    protocol.add_argument("--batch_size", type=int, default=16)
-    protocol.add_argument("--eval_batch_size", type=int, default=64)
-    protocol.add_argument("--max_seq_length", type=int, default=64)
-    protocol.add_argument("--val_fraction", type=float, default=0.15, help="validation share of each client (select)")
-    protocol.add_argument("--min_client_size", type=int, default=8)
-    protocol.add_argument("--bottleneck_dim", type=int, default=16, help="r of C2A and the bottleneck adapters")
-    protocol.add_argument("--lora_r", type=int, default=8)
-    protocol.add_argument(
-        "--selection_rounds", type=int, default=1, help="lr criterion: validation mean over the last N rounds"
-    )
-    protocol.add_argument(
-        "--selection_tie_margin", type=float, default=0.01, help="lr criterion: scores this close to the best tie"
-    )
-    protocol.add_argument("--proximal_mu", type=float, default=0.01, help="FedProx strength (fedprox_lora)")
-    protocol.add_argument("--lr_scheduler", default="constant", help="the schedule within a client's round")
-    protocol.add_argument(
-        "--round_lr_scheduler",
-        default="constant",
-        choices=("constant", "linear", "cosine"),
-        help="the learning rate's decay across rounds (FederatedTrainingArguments.round_lr_scheduler)",
-    )
-    protocol.add_argument(
-        "--test_examples_per_client",
-        type=int,
-        default=0,
-        help="draw this many personal test examples per client with its label mix (sample_like); 0: each client's "
-        "proportional share of the test split (partition_like)",
-    )
-    protocol.add_argument("--weight_decay", type=float, default=0.0)
-    protocol.add_argument("--max_train_examples", type=int, default=None, help="subsample the training split")
-    protocol.add_argument("--max_test_examples", type=int, default=None, help="subsample the test split")
-    protocol.add_argument("--languages", nargs="+", default=["de", "en", "es", "fr", "ru"])
-    protocol.add_argument("--clients_per_language", type=int, default=4)
-    protocol.add_argument(
-        "--bible_translations",
-        nargs="+",
-        type=_translation,
-        default=None,
-        metavar="LANG=BBNAME",
-        help="translation per language (default: benchmarks/support/bible.py's BIBLE_TRANSLATIONS)",
-    )
-    protocol.add_argument("--bible_test_fraction", type=float, default=0.2)
-    protocol.add_argument("--bible_train_per_language", type=int, default=1000)
-    protocol.add_argument("--bible_test_per_language", type=int, default=100)
-    parser.add_argument("--_worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        # the preset replaces the defaults only: flags given explicitly still win
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
-    return args
+    return arguments.parse_args(argv, description=__doc__)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

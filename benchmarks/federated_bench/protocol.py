@@ -126,6 +126,7 @@ DEFAULT_METHODS = ("c2a", "bottleneck", "lora", "fedprox_lora", "head", "local",
 UPPER_BOUNDS = ("centralized", "centralized_lora", "centralized_bottleneck")
 SCENARIOS = ("label_skew", "language_skew")
 PHASES = ("select", "final")
+VALIDATION_PHASES = ("budget", "select")  # phases that train on the fit carve and evaluate on validation data
 # The targets are checked on these scenarios: (scenario, alpha or None for any alpha).
 TARGET_SCENARIOS = (("label_skew", 0.1), ("language_skew", None))
 WORST_CLIENT_MARGIN = 0.02  # C2A must beat the best baseline's worst-client accuracy by 2 points
@@ -340,6 +341,7 @@ class RunSpec:
     settings: dict[str, Any]  # protocol settings (PROTOCOL_KEYS, + LANGUAGE_KEYS for language_skew)
     lr_grid: list[float] = field(default_factory=list)
     selection: dict[str, Any] = field(default_factory=dict)  # final runs: how their lr was chosen
+    budget: dict[str, Any] = field(default_factory=dict)  # num_rounds="plateau": how the rounds were decided
     threads: int = 1
     model_path: Optional[str] = None  # language_skew: the converted e5 folder (machine-specific, not protocol)
     command: str = ""

@@ -94,6 +94,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         out.write(f"## {scenario['scenario']}, alpha = {fmt_number(scenario['alpha'])}\n\n")
         if scenario["hardware"]:
             out.write("Final runs on: " + "; ".join(scenario["hardware"]) + ".\n\n")
+        if scenario.get("budget"):
+            out.write(budget_line(scenario["budget"]) + "\n\n")
         out.write("| " + " | ".join(TABLE_COLUMNS) + " |\n")
         out.write("|" + "---|" * len(TABLE_COLUMNS) + "\n")
         for method, row in rows.items():
@@ -162,6 +164,20 @@ def markdown(summary: Mapping[str, Any]) -> str:
     out.write("## Targets (issue 4)\n\n```\n" + "\n".join(summary["targets"]) + "\n```\n\n")
     out.write("Methods:\n\n" + "".join(f"- `{m}`: {spec.description}\n" for m, spec in METHODS.items()))
     return out.getvalue()
+
+
+def budget_line(record: Mapping[str, Any]) -> str:
+    """What the budget probes decided, in one line (budget.py's rule)."""
+    plateaus = ", ".join(
+        f"{method} {'–' if value is None else f'round {value}'}"
+        + (" (best window is the probe's last: still rising)" if record["best_window_is_last"].get(method) else "")
+        for method, value in record["plateau_rounds"].items()
+    )
+    if "num_rounds" in record:
+        decision = f"**{record['num_rounds']} rounds**"
+    else:
+        decision = f"undecided (missing probes {record['missing']}, failed {record['failed']})"
+    return f"Budget: {decision}; plateau of the probes: {plateaus or '–'}. Rule: {record['rule']}."
 
 
 def _all_lrs(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:

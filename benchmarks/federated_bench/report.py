@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from benchmarks.support.machine import environment
 
+from .budget import BUDGET_PHASE, PROBE_METHODS, decide_budget
 from .protocol import (
     BASELINES,
     LANGUAGE_KEYS,
@@ -73,14 +74,19 @@ def curve_stats(curves: Sequence[Sequence[Sequence[Any]]]) -> list[tuple[int, fl
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Group run files by scenario / alpha / method, pick the chosen lr, and average the final runs over seeds."""
     groups: dict[tuple[str, float], dict[str, dict[str, list[Mapping[str, Any]]]]] = {}
+    probes: dict[tuple[str, float], dict[str, Mapping[str, Any]]] = {}
     for run in runs:
         config = run["config"]
         key = (config["scenario"], float(config["alpha"]))
+        if config["phase"] == BUDGET_PHASE:
+            probes.setdefault(key, {})[config["method"]] = run
+            continue
         groups.setdefault(key, {}).setdefault(config["method"], {"select": [], "final": []})[config["phase"]].append(
             run
         )
     scenarios = []
-    for (scenario, alpha), methods in sorted(groups.items()):
+    for scenario, alpha in sorted(set(groups) | set(probes)):
+        methods = groups.get((scenario, alpha), {})
         rows: dict[str, dict[str, Any]] = {}
         for method in [m for m in METHODS if m in methods]:
             rows[method] = method_row(method, methods[method])
@@ -93,9 +99,17 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 "methods": rows,
                 "hardware": hardware,
                 "paired_vs_c2a": paired_against(rows, "c2a"),
+                "budget": budget_record(probes.get((scenario, alpha))),
             }
         )
     return {"scenarios": scenarios}
+
+
+def budget_record(probes: Optional[Mapping[str, Mapping[str, Any]]]) -> Optional[dict[str, Any]]:
+    """How the budget probes of one scenario / alpha decide its rounds (`None` without probes)."""
+    if not probes:
+        return None
+    return decide_budget({method: probes.get(method) for method in PROBE_METHODS})[1]
 
 
 def hardware_line(run: Mapping[str, Any]) -> str:

@@ -19,11 +19,13 @@ import numpy as np
 
 from benchmarks.support.machine import environment, parameter_counts, reset_peak_rss, status_kb
 
+from .budget import resolve_local_steps
 from .protocol import (
     METHODS,
     MODEL_FREE,
     RUN_FORMAT,
     SCENARIOS,
+    VALIDATION_PHASES,
     RunSpec,
     atomic_write_json,
     setting,
@@ -84,6 +86,7 @@ class Federation:
     label_names: list[str]
     model_path: str
     client_info: dict[str, dict[str, Any]]
+    local_steps: int  # per round and client: the setting, or one epoch of the mean training client ("epoch")
 
 
 def load_scenario(spec: RunSpec) -> tuple[Any, list[str], Optional[list[str]], str, str]:
@@ -143,8 +146,11 @@ def build_federation(spec: RunSpec) -> Federation:
     )
     names, parts, client_groups = split.names, split.parts, split.groups
     unseen = choose_unseen_clients(names, settings["unseen_fraction"], seed, client_groups)
+    # from the full training parts, before any validation carve: every phase of a scenario takes the same steps
+    training_sizes = [len(part) for name, part in zip(names, parts, strict=True) if name not in unseen]
+    local_steps = resolve_local_steps(settings, training_sizes)
 
-    if spec.phase == "select":
+    if spec.phase in VALIDATION_PHASES:
         # validation carved from each client's own training data; the test set is not touched
         parts, eval_parts = carve_validation(parts, settings["val_fraction"], seed)
         eval_source = "train"
@@ -159,7 +165,7 @@ def build_federation(spec: RunSpec) -> Federation:
     for name, part in zip(names, eval_parts, strict=True):
         if len(part) == 0:
             continue
-        if spec.phase == "select" and name in unseen:
+        if spec.phase in VALIDATION_PHASES and name in unseen:
             continue  # the criterion is personalised accuracy of the training clients; unseen ones are not needed
         client_evals[name] = encoded[eval_source].select(part)
     # the global test set is evaluated in final runs only (select runs need just the personalised criterion)
@@ -175,16 +181,28 @@ def build_federation(spec: RunSpec) -> Federation:
         for i, name in enumerate(names)
     }
     return Federation(
-        clients, client_evals, eval_dataset, unseen, tokenizer, num_labels, label_names, model_path, client_info
+        clients,
+        client_evals,
+        eval_dataset,
+        unseen,
+        tokenizer,
+        num_labels,
+        label_names,
+        model_path,
+        client_info,
+        local_steps,
     )
 
 
-def training_arguments(spec: RunSpec, output_dir: str) -> Any:
-    """The `FederatedTrainingArguments` of a run: identical for every method except what defines the method."""
+def training_arguments(spec: RunSpec, output_dir: str, local_steps: Optional[int] = None) -> Any:
+    """The `FederatedTrainingArguments` of a run: identical for every method except what defines the method.
+
+    `local_steps` is the run's resolved steps per round (`Federation.local_steps`); without it the setting must be a
+    number."""
     from peft_c2a.federated import FederatedTrainingArguments
 
     settings, method = spec.settings, METHODS[spec.method]
-    local_steps = settings["local_steps"]
+    local_steps = int(settings["local_steps"]) if local_steps is None else local_steps
     if method.federation_mode == "centralized":
         # one pooled client per round: give it the examples a federated round processes, not 1/clients_per_round
         local_steps *= settings["clients_per_round"]
@@ -193,8 +211,9 @@ def training_arguments(spec: RunSpec, output_dir: str) -> Any:
         num_rounds=settings["num_rounds"],
         clients_per_round=settings["clients_per_round"],
         local_max_steps=local_steps,
-        # select runs evaluate only where the criterion looks: the last `selection_rounds` rounds (or the last one)
-        eval_every_rounds=1 if spec.phase == "final" or settings.get("selection_rounds", 1) > 1 else 0,
+        # select runs evaluate only where the criterion looks (the last `selection_rounds` rounds, or the last one);
+        # final runs and budget probes need every round's curve
+        eval_every_rounds=1 if spec.phase != "select" or settings.get("selection_rounds", 1) > 1 else 0,
         save_every_rounds=0,  # a run is the unit of resumption; per-round checkpoints would only cost time
         learning_rate=spec.lr,
         per_device_train_batch_size=settings["batch_size"],
@@ -440,7 +459,7 @@ def run_single(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
     counts = parameter_counts(model)
     # the trainer's own history files go to a scratch folder: the run file holds the whole history
     scratch = Path(tempfile.mkdtemp(prefix="federated-bench-trainer-"))
-    arguments = training_arguments(spec, str(scratch))
+    arguments = training_arguments(spec, str(scratch), federation.local_steps)
     status, error = "ok", None
     try:
         trainer = FederatedTrainer(

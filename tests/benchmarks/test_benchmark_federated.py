@@ -4,49 +4,16 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "federated.py"
 ALL_METHODS = ["c2a", "bottleneck", "lora", "fedprox_lora", "head", "local", "centralized", "prior_only"]
 TRAINED_METHODS = ALL_METHODS[:-1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_federated", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def bench():
-    """The command line (benchmarks/federated.py): planning, running, arguments."""
-    return load_benchmark()
-
-
-@pytest.fixture(scope="module")
-def proto(bench):
-    """Definitions, run files and the pure helpers (importable once the command line has set up sys.path)."""
-    return importlib.import_module("benchmarks.federated_bench.protocol")
-
-
-@pytest.fixture(scope="module")
-def worker(bench):
-    return importlib.import_module("benchmarks.federated_bench.worker")
-
-
-@pytest.fixture(scope="module")
-def reporting(bench):
-    return importlib.import_module("benchmarks.federated_bench.report")
 
 
 # ---------------------------------------------------------------------------------------------------- pure helpers
