@@ -211,9 +211,10 @@ def training_arguments(spec: RunSpec, output_dir: str, local_steps: Optional[int
         num_rounds=settings["num_rounds"],
         clients_per_round=settings["clients_per_round"],
         local_max_steps=local_steps,
-        # select runs evaluate only where the criterion looks (the last `selection_rounds` rounds, or the last one);
-        # final runs and budget probes need every round's curve
-        eval_every_rounds=1 if spec.phase != "select" or settings.get("selection_rounds", 1) > 1 else 0,
+        # select runs evaluate only where the criterion looks (the last `selection_rounds` rounds); final runs and
+        # budget probes need every round's curve
+        eval_every_rounds=1,
+        eval_delay=settings["num_rounds"] - settings.get("selection_rounds", 1) + 1 if spec.phase == "select" else 0,
         save_every_rounds=0,  # a run is the unit of resumption; per-round checkpoints would only cost time
         learning_rate=spec.lr,
         per_device_train_batch_size=settings["batch_size"],

@@ -620,3 +620,13 @@ def test_a_collapsed_round_is_found_and_fails_its_target(worker, reporting):
     runs[1]["derived"]["min_global_predicted_classes"] = 2
     lines = reporting.scenario_targets(reporting.aggregate(runs)["scenarios"][0])
     assert lines[-1].startswith("PASS") and ">= 2 classes" in lines[-1]
+
+
+def test_select_runs_evaluate_only_the_rounds_their_criterion_reads(bench, proto, worker, tmp_path):
+    argv = ["--quick", "--output_dir", str(tmp_path), "--num_rounds", "15", "--selection_rounds", "3"]
+    settings = bench.protocol_settings(bench.parse_args(argv), "label_skew")
+    rounds = {}
+    for phase in ("select", "final", "budget"):
+        args = worker.training_arguments(proto.RunSpec("label_skew", 0.1, "c2a", phase, 3e-3, 0, settings), "x")
+        rounds[phase] = [r for r in range(1, 16) if r >= args.eval_delay and args.eval_every_rounds == 1]
+    assert rounds == {"select": [13, 14, 15], "final": list(range(1, 16)), "budget": list(range(1, 16))}

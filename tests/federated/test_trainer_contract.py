@@ -72,6 +72,29 @@ def test_callbacks_fire_per_round_like_the_trainers_steps(tmp_path):
     assert renamed["test_personalized_mean_accuracy"] == metrics["eval_personalized_mean_accuracy"]
 
 
+def test_eval_delay_counts_rounds_and_the_last_round_is_always_evaluated(tmp_path):
+    clients, evals = make_clients({"client-a": 6, "client-b": 8}, eval_size=4)
+    trainer = build(tmp_path, clients, evals, num_rounds=5, eval_every_rounds=1, eval_delay=4, save_every_rounds=0)
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    # the Trainer's rule with rounds for steps: evaluate once `eval_delay <= round`
+    assert [step for event, step in recorder.events if event == "evaluate"] == [4, 5]
+    evaluated = [r["round"] for r in trainer.history if "eval_personalized_mean_accuracy" in r]
+    assert evaluated == [4, 5]
+    late = build(
+        tmp_path / "late", clients, evals, num_rounds=2, eval_every_rounds=1, eval_delay=9, save_every_rounds=0
+    )
+    late.train()
+    assert [r["round"] for r in late.history if "eval_personalized_mean_accuracy" in r] == [2]
+
+
+@pytest.mark.parametrize("delay", [1.5, -1.0, float("nan")])
+def test_eval_delay_must_be_a_whole_number_of_rounds(tmp_path, delay):
+    with pytest.raises(ValueError, match="eval_delay"):
+        fed_args(tmp_path, eval_delay=delay)
+
+
 def marked_round_metric(trainer_holder, best_round):
     """`compute_metrics` scoring 1.0 in the evaluation of `best_round` and 0.0 in every other: a known best round."""
 

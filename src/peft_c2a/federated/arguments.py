@@ -40,7 +40,6 @@ IGNORED_LOOP_FIELDS: dict[str, tuple[Any, str]] = {
     "num_train_epochs": (3.0, "`num_rounds` and `local_epochs`"),
     "max_steps": (-1, "`num_rounds` and `local_max_steps`"),
     "eval_on_start": (False, "`trainer.evaluate()` before `train()`"),
-    "eval_delay": (0, "`eval_every_rounds`"),
     "auto_find_batch_size": (False, "`per_device_train_batch_size`"),
     "logging_first_step": (False, "nothing: every round is logged"),
 }
@@ -89,6 +88,11 @@ class FederatedTrainingArguments(TrainingArguments):
         eval_every_rounds (`int`, defaults to 1):
             Evaluate (global, personalised and unseen clients) every this many rounds, and always after the last
             round. 0 evaluates only after the last round.
+        eval_delay (`float`, defaults to 0):
+            The `Trainer`'s field, counted in rounds (a step of a federation is a round): no evaluation before round
+            `eval_delay`; the last round is always evaluated. With `eval_every_rounds=1` and `eval_delay=N - k + 1`
+            only the last k of N rounds are evaluated, which is all a criterion over the last rounds needs. Must be
+            a whole number of rounds.
         save_every_rounds (`int`, defaults to 1):
             Write a checkpoint `output_dir/round-{k}/` every this many rounds, and always after the last round.
             0 disables checkpoints. `save_total_limit` keeps only the newest ones.
@@ -239,6 +243,8 @@ class FederatedTrainingArguments(TrainingArguments):
             raise ValueError(f"`min_clients_per_round` must be >= 1, got {self.min_clients_per_round}.")
         if self.eval_every_rounds < 0 or self.save_every_rounds < 0:
             raise ValueError("`eval_every_rounds` and `save_every_rounds` must be >= 0.")
+        if not (math.isfinite(self.eval_delay) and self.eval_delay >= 0 and float(self.eval_delay).is_integer()):
+            raise ValueError(f"`eval_delay` counts rounds: a whole number >= 0, got {self.eval_delay}.")
         if self.aggregation == "fedprox" and self.proximal_mu < 0:
             raise ValueError(f"`proximal_mu` must be >= 0, got {self.proximal_mu}.")
         if self.server_learning_rate is not None and not self.server_learning_rate > 0:

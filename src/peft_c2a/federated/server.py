@@ -211,9 +211,11 @@ class FederationServer:
         return weights if cap is None or not weights else capped_shares(weights, cap)
 
     def is_evaluation_round(self, round_index: int) -> bool:
-        """Whether `round_index` ends with an evaluation (every `eval_every_rounds`, and always the last)."""
+        """Whether `round_index` ends with an evaluation: every `eval_every_rounds` from round `eval_delay` on (the
+        `Trainer`'s rule, with rounds for steps), and always the last."""
         every = self.args.eval_every_rounds
-        return bool(every and round_index % every == 0) or round_index == self.args.num_rounds
+        scheduled = bool(every and round_index % every == 0) and round_index >= self.args.eval_delay
+        return scheduled or round_index == self.args.num_rounds
 
     def is_checkpoint_round(self, round_index: int) -> bool:
         """Whether `round_index` ends with a checkpoint (every `save_every_rounds`, and the last when saving)."""
