@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.federated_bench` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.federated_bench import arguments, worker  # noqa: E402
+from benchmarks.federated_bench import arguments, federation, worker  # noqa: E402
 from benchmarks.federated_bench import report as reporting  # noqa: E402
 from benchmarks.federated_bench.budget import BUDGET_PHASE, PLATEAU_ROUNDS, probe_specs, resolve_budget  # noqa: E402
 from benchmarks.federated_bench.protocol import (  # noqa: E402
@@ -299,7 +299,7 @@ def run_queue(specs: Sequence[RunSpec], output_dir: Path, args: argparse.Namespa
 @functools.cache
 def e5_model_path() -> str:
     """The converted e5 folder: converted once, here, in the parent, rather than racing in every worker."""
-    return str(worker.language_support()[1]())
+    return str(federation.language_support()[1]())
 
 
 def prepare(spec: RunSpec, output_dir: Path, args: argparse.Namespace) -> tuple[bool, int]:

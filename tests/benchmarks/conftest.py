@@ -38,5 +38,11 @@ def worker(bench):
 
 
 @pytest.fixture(scope="module")
+def federation(bench):
+    """A run's clients: data, partition, validation carve (imported once the command line has set up sys.path)."""
+    return importlib.import_module("benchmarks.federated_bench.federation")
+
+
+@pytest.fixture(scope="module")
 def reporting(bench):
     return importlib.import_module("benchmarks.federated_bench.report")

@@ -88,20 +88,20 @@ def test_grid_extends_past_an_edge_winner(proto):
     assert proto.resolve_selection([1e-3, 3e-3], {1e-3: None, 3e-3: math.nan}) == (None, [1e-3, 3e-3], [])
 
 
-def test_carve_validation(worker):
+def test_carve_validation(federation):
     rng = np.random.default_rng(0)
     parts = [np.sort(rng.choice(1000, size=n, replace=False)) for n in (40, 8, 2, 1)]
-    fits, vals = worker.carve_validation(parts, 0.15, seed=3)
+    fits, vals = federation.carve_validation(parts, 0.15, seed=3)
     for part, fit, val in zip(parts, fits, vals, strict=True):
         assert not set(fit) & set(val)
         assert sorted(set(fit) | set(val)) == sorted(part)
         assert list(fit) == sorted(fit) and list(val) == sorted(val)
         assert len(fit) >= 1
     assert [len(v) for v in vals] == [6, 1, 1, 0]  # round(0.15 n), at least one, never the only example
-    again = worker.carve_validation(parts, 0.15, seed=3)
+    again = federation.carve_validation(parts, 0.15, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(vals, again[1], strict=True))
     with pytest.raises(ValueError):
-        worker.carve_validation(parts, 1.0, seed=0)
+        federation.carve_validation(parts, 1.0, seed=0)
 
 
 def test_choose_unseen_clients():
@@ -474,7 +474,9 @@ def test_quick_preset_end_to_end_and_resume(bench, tmp_path, monkeypatch, restor
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["select", "final"])
-def test_language_skew_path_with_stand_in_data(bench, tmp_path, monkeypatch, restore_threads, phase, proto, worker):
+def test_language_skew_path_with_stand_in_data(
+    bench, tmp_path, monkeypatch, restore_threads, phase, proto, worker, federation
+):
     """The language-skew code path, with BBC News posing as a two-language corpus and MiniLM as the encoder (the real
     loaders live in benchmarks/support/)."""
     from datasets import DatasetDict
@@ -493,7 +495,9 @@ def test_language_skew_path_with_stand_in_data(bench, tmp_path, monkeypatch, res
             parts[split] = part.add_column("verse_id", list(range(size)))
         return DatasetDict(parts)
 
-    monkeypatch.setattr(worker, "language_support", lambda: (load_bible_genres, lambda output_dir=None: minilm_path()))
+    monkeypatch.setattr(
+        federation, "language_support", lambda: (load_bible_genres, lambda output_dir=None: minilm_path())
+    )
     args = bench.parse_args(
         ["--quick", "--languages", "xx", "yy", "--clients_per_language", "3", "--num_rounds", "1"]
         + ["--clients_per_round", "2", "--local_steps", "1", "--max_seq_length", "16", "--output_dir", str(tmp_path)]
