@@ -61,13 +61,14 @@ from torch import nn  # noqa: E402
 
 from benchmarks.support.machine import (  # noqa: E402
     environment,
+    median_iqr,
     parameter_counts,
     peak_rss_during,
 )
+from benchmarks.support.overhead_report import check_targets, markdown_table  # noqa: E402
 
 METHODS = ("head", "bottleneck", "c2a", "lora")
 NUM_LABELS = 5
-TARGETS = {"step_time": 1.15, "peak_memory": 1.10}
 
 
 # ---------------------------------------------------------------------------------------------------- models and data
@@ -278,57 +279,6 @@ def bert_base_counts() -> dict[str, dict[str, int]]:
     return counts
 
 
-# ---------------------------------------------------------------------------------------------------- reporting
-def summarize(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    if len(ordered) >= 2:
-        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        q1 = q3 = ordered[0]
-    return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "iqr": q3 - q1, "n": len(ordered)}
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    header = (
-        "| method | step time median (s) | step IQR (s) | peak mem (MB) | mem IQR (MB) | saved act. (MB) "
-        "| trainable no head | trainable with head | upload bytes (with head) |"
-    )
-    lines = [header, "|" + "---|" * 9]
-    for method, row in report["methods"].items():
-        time_s, mem = row.get("step_time_s"), row.get("peak_memory_mb")
-        cells = [
-            method,
-            f"{time_s['median']:.3f}" if time_s else "-",
-            f"{time_s['iqr']:.3f}" if time_s else "-",
-            f"{mem['median']:.1f}" if mem else "-",
-            f"{mem['iqr']:.1f}" if mem else "-",
-            f"{row['saved_activation_mb']:.1f}" if "saved_activation_mb" in row else "-",
-            f"{row['trainable_params_no_head']:,}",
-            f"{row['trainable_params_with_head']:,}",
-            f"{row['upload_bytes_with_head']:,}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def check_targets(report: dict[str, Any]) -> list[str]:
-    ratios, lines = report["ratios"], []
-    if "c2a_over_bottleneck_step_time" in ratios:
-        value = ratios["c2a_over_bottleneck_step_time"]
-        verdict = "PASS" if value <= TARGETS["step_time"] else "FAIL"
-        lines.append(f"{verdict}: C2A step time = {value:.3f}x bottleneck (target <= {TARGETS['step_time']:.2f}x)")
-    if "c2a_over_bottleneck_peak_memory" in ratios:
-        value = ratios["c2a_over_bottleneck_peak_memory"]
-        verdict = "PASS" if value <= TARGETS["peak_memory"] else "FAIL"
-        lines.append(f"{verdict}: C2A peak memory = {value:.3f}x bottleneck (target <= {TARGETS['peak_memory']:.2f}x)")
-    if "c2a_over_lora_upload_bytes" in ratios:
-        value = ratios["c2a_over_lora_upload_bytes"]
-        c2a, lora = (report["methods"][m]["upload_bytes_with_head"] for m in ("c2a", "lora"))
-        verdict = "PASS" if c2a < lora else "FAIL"
-        lines.append(f"{verdict}: C2A upload = {c2a:,} B vs LoRA r=8 {lora:,} B ({value:.3f}x; target < 1x)")
-    return lines
-
-
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -408,12 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timing: {args.warmup} warm-up + {args.steps} timed rounds, methods round-robin", flush=True)
         times = measure_time(models, inputs, args.steps, args.warmup)
         for method in methods:
-            rows[method]["step_time_s"] = summarize(times[method])
+            rows[method]["step_time_s"] = median_iqr(times[method])
             rows[method]["step_times_s"] = times[method]
 
     if device.type == "cuda" and not args.skip_memory:
         for method, peak in cuda_peak_memory(models, inputs, args.mem_steps).items():
-            rows[method]["peak_memory_mb"] = summarize([peak])
+            rows[method]["peak_memory_mb"] = median_iqr([peak])
 
     if args.profile:
         for method, table in profile_steps(models, inputs, args.profile).items():
@@ -428,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(batch, batch_path)
             memory = measure_memory(methods, batch_path, args)
         for method in methods:
-            rows[method]["peak_memory_mb"] = summarize([r["peak_increase_mb"] for r in memory[method]])
+            rows[method]["peak_memory_mb"] = median_iqr([r["peak_increase_mb"] for r in memory[method]])
             rows[method]["peak_memory_runs"] = memory[method]
 
     ratios: dict[str, float] = {}

@@ -32,7 +32,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.support` impo
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.support.machine import environment, peak_rss_during  # noqa: E402
+from benchmarks.support.machine import environment, median_iqr, peak_rss_during  # noqa: E402
 
 MODELS = ("base", "c2a", "c2a_static", "bottleneck", "exported", "c2a_lora", "lora_exported", "lora_merged")
 NUM_LABELS = 5
@@ -159,12 +158,6 @@ def memory_worker(name: str, batch_size: int, seq_len: int, forwards: int, threa
     return measured | {"model_mb": model_bytes(model) / 2**20}
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) >= 2 else (ordered[0],) * 3
-    return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "n": len(ordered)}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16])
@@ -206,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latency, batch {batch_size} x {args.seq_len}: {args.warmup} + {args.repeats} rounds", flush=True)
         times = measure_latency(models, batch, args.repeats, args.warmup)
         for name in models:
-            rows[name][f"latency_ms_batch{batch_size}"] = summarize([1000 * t for t in times[name]])
+            rows[name][f"latency_ms_batch{batch_size}"] = median_iqr([1000 * t for t in times[name]])
         median = {name: rows[name][f"latency_ms_batch{batch_size}"]["median"] for name in models}
         if "base" in median:
             for name in models:

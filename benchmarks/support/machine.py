@@ -4,6 +4,7 @@
 - `status_kb` / `reset_peak_rss` / `peak_rss_during`: a process's resident memory and its peak, from
   `/proc/self/status`.
 - `parameter_counts`: trainable parameters (with and without the classifier head) and the bytes a client uploads.
+- `median_iqr`: how every timing and memory series is summarised (median and inter-quartile range).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import datetime
 import hashlib
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
@@ -129,3 +131,13 @@ def parameter_counts(model: Any) -> dict[str, int]:
         "upload_bytes_with_head": sum(param.numel() * 4 for _, param in trainable),
         "total_params": sum(param.numel() for param in model.parameters()),
     }
+
+
+def median_iqr(values: list[float]) -> dict[str, float]:
+    """Median, quartiles (inclusive method, so 2 values give their range) and IQR of a series; one value is its own
+    quartiles. Medians, not means: a shared CPU's stalls are one-sided outliers that would drag a mean."""
+    if not values:
+        raise ValueError("median_iqr needs at least one value.")
+    ordered = sorted(values)
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) >= 2 else (ordered[0],) * 3
+    return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "iqr": q3 - q1, "n": len(ordered)}
