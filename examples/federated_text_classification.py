@@ -2,7 +2,7 @@
 
 The default run is the project's main job: the packaged MiniLM-L6 on the packaged BBC News (64 tokens per article),
 split over 20 clients by Dirichlet label skew (alpha = 0.1), 4 of them held out as unseen clients; the 16 training
-clients all take part in each of 10 rounds, 5 local AdamW steps each (batch 16, lr 3e-3), evaluation every 2 rounds.
+clients all take part in each of 10 rounds, 5 local AdamW steps each (batch 16, lr 1e-2), evaluation every 2 rounds.
 It takes about 8 minutes on 2 CPU cores and writes `history.json`, `history.csv`, `accuracy.png`, the label heatmap,
 round checkpoints and the final adapter to `--output_dir`.
 

