@@ -2,7 +2,8 @@
 
 - `adapter_output_shift`: how far the adapters move the hidden states they sit on, relative to those hidden states
   (`||adapter delta|| / ||base output||`, padding excluded, averaged over sites). Comparing it between a C2A model and
-  a plain bottleneck model trained the same way says whether C2A's generated updates have the size of plain ones.
+  a plain bottleneck model (or a C2A-LoRA model and a plain LoRA model) trained the same way says whether C2A's
+  generated updates have the size of plain ones.
 - `hidden_state_shift`: how far the last hidden state moved from a reference (e.g. the model before training).
 - `generator_row_cosine` (on `C2AHyperNetwork`): whether the hypernetwork's basis adapters stay distinct.
 """
@@ -12,20 +13,20 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-
-from .layer import _BottleneckLayerBase
 
 
 @torch.no_grad()
 def adapter_output_shift(model: nn.Module, inputs: dict[str, torch.Tensor], **descriptor: Any) -> float:
     """Mean over adapter sites of `||adapter delta|| / ||base layer output||` for one forward of `inputs`.
 
-    Works for C2A and plain bottleneck adapters (any `_BottleneckLayerBase`). Positions where `inputs`'
+    Works for every PEFT tuner layer that wraps a `base_layer`: C2A, C2A-LoRA and plain bottleneck adapters, and
+    PEFT's own LoRA layers (where the delta is `scaling * B A x` beside the projection `W x`). Positions where `inputs`'
     `attention_mask` is 0 are excluded.
 
     Raises:
-        ValueError: the model has no bottleneck-style adapter layer.
+        ValueError: the model has no adapter layer.
     """
     mask = inputs.get("attention_mask")
     ratios: list[torch.Tensor] = []
@@ -37,7 +38,8 @@ def adapter_output_shift(model: nn.Module, inputs: dict[str, torch.Tensor], **de
         return tensor * mask.unsqueeze(-1).to(tensor.dtype)
 
     for module in model.modules():
-        if not isinstance(module, _BottleneckLayerBase):
+        # tuner layers only: `modules_to_save` copies (the classifier head) wrap no adapter delta
+        if not isinstance(module, BaseTunerLayer) or not isinstance(getattr(module, "base_layer", None), nn.Module):
             continue
         seen: dict[str, torch.Tensor] = {}
         hooks.append(module.base_layer.register_forward_hook(lambda m, a, out, seen=seen: seen.update(base=out)))
@@ -48,7 +50,7 @@ def adapter_output_shift(model: nn.Module, inputs: dict[str, torch.Tensor], **de
 
         hooks.append(module.register_forward_hook(after))
     if not hooks:
-        raise ValueError("The model has no bottleneck or C2A adapter layers to measure.")
+        raise ValueError("The model has no adapter layers (PEFT tuner layers with a `base_layer`) to measure.")
     try:
         model(**inputs, **descriptor)
     finally:

@@ -206,6 +206,46 @@ def test_label_term_switch(tiny_bert_pair, batch):
 # ---------------------------------------------------------------------------------------------------- update size
 
 
+def test_adapter_output_shift_measures_lora_layers_by_hand(tiny_bert, batch):
+    """PEFT's LoRA layers are measured like bottleneck ones: 0 while B = 0, and after B is set, exactly
+    `mean over sites of ||scaling * B A x|| / ||W x + b||` on the unpadded positions; the classifier copy is no site."""
+    from peft import LoraConfig
+
+    from peft_c2a.diagnostics import adapter_output_shift
+
+    model = get_peft_model(tiny_bert, LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query"]))
+    model.eval()
+    assert adapter_output_shift(model, batch) == 0.0
+    layers = [m for m in model.modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+    torch.manual_seed(3)
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    hidden, expected = {}, []
+    hooks = [
+        layer.base_layer.register_forward_pre_hook(lambda m, a, layer=layer: hidden.update({layer: a[0]}))
+        for layer in layers
+    ]
+    with torch.no_grad():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        for layer in layers:
+            x = hidden[layer]
+            base = layer.base_layer(x) * mask
+            delta = layer.scaling["default"] * layer.lora_B["default"](layer.lora_A["default"](x)) * mask
+            expected.append(float(delta.norm() / base.norm()))
+    assert adapter_output_shift(model, batch) == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_adapter_output_shift_refuses_a_model_without_adapters(tiny_bert, batch):
+    from peft_c2a.diagnostics import adapter_output_shift
+
+    with pytest.raises(ValueError, match="no adapter layers"):
+        adapter_output_shift(tiny_bert, batch)
+
+
 @pytest.mark.slow
 def test_generated_update_has_the_size_of_a_plain_one_on_minilm(tmp_path):
     """At the same learning rate (1e-3, 3e-3, 1e-2) a C2A adapter's output moves as far as a plain bottleneck
