@@ -42,6 +42,8 @@ def test_messages_round_trip():
     assert torch.equal(decoded_state["w"], state["w"]) and decoded == instruction
     instruction = Instruction(3, 7, "fedavg", None, ["a", "b"], [0, 1])
     assert decode_evaluate(encode_evaluate(state_to_record(state), instruction))[1] == instruction
+    instruction = Instruction(4, 7, "fedavg", None, ["a"], [0], {"note": "x"}, oldest_resume_round=2)
+    assert decode_train(encode_train(state_to_record(state), instruction))[1] == instruction
 
     report = ClientReport("a", "ok", bytes_down=24, num_examples=3, train_loss=0.5, local_steps=2)
     decoded_report, update = decode_train_reply(encode_train_reply(report, state), bytes_down=24)

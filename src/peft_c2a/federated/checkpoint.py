@@ -207,6 +207,14 @@ def checkpoint_run_id(path: str | os.PathLike) -> Optional[str]:
         return None
 
 
+def oldest_kept_round(output_dir: str | os.PathLike, run_id: Optional[str]) -> int:
+    """The round of run `run_id`'s oldest complete checkpoint in `output_dir` (0 when it has none yet): the oldest
+    round the run can still resume after, so per-round state kept elsewhere (a Flower node's client-private
+    tensors) is needed from that round on only."""
+    rounds = [index for index, path in list_checkpoints(output_dir) if checkpoint_run_id(path) == run_id]
+    return rounds[0] if rounds else 0
+
+
 def prune_checkpoints(
     output_dir: str | os.PathLike,
     keep: Optional[int],

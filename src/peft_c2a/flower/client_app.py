@@ -15,7 +15,10 @@ Client-private tensors (C2A's client-id embedding, `FederatedTrainer.private_key
 sends and averages only the shared state, and the node keeps each client's own copy on its disk, one safetensors file
 per client and round under the node trainer's `output_dir/client-private-states/`. A message of round `k` starts from
 the newest copy of a round before `k` (evaluation: up to `k`), so a federation resumed from the server's round-`k`
-checkpoint continues exactly, even when the node had already trained later rounds before the interruption.
+checkpoint continues exactly, even when the node had already trained later rounds before the interruption. The
+server names the oldest round it can still resume after (`Instruction.oldest_resume_round`); the node deletes the
+copies older than the newest one up to that round, and records where it pruned, so that a resume from an older
+checkpoint (one the server no longer keeps) fails with an error instead of starting that client's tensors afresh.
 
 Evaluation replies carry the model's scores only: the prior-only reference (`prior_only_accuracy`, the share of the
 client's majority training label in its test set) describes the client's label distribution, so it stays on the node.
@@ -29,7 +32,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -51,6 +54,7 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 PRIVATE_STATE_DIR = "client-private-states"
+PRUNED_MARKER = "pruned-before-round"  # its content: the oldest round whose copy was kept when older ones were deleted
 
 TrainerFactory = Callable[[Context], FederatedTrainer]
 
@@ -109,7 +113,7 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         _restore_private_state(trainer, name, before_round=instruction.server_round)
         report, update = trainer.train_client(name, instruction.server_round, start_state)
         if report.ok:
-            _keep_private_state(trainer, name, instruction.server_round)
+            _keep_private_state(trainer, name, instruction.server_round, instruction.oldest_resume_round)
         # no update when training raised: the server drops this client from the round, as FederatedTrainer does
         return Message(encode_train_reply(report, update), reply_to=message)
 
@@ -151,10 +155,15 @@ def _restore_private_state(trainer: FederatedTrainer, name: str, before_round: i
         return
     trainer.client_private_states.pop(name, None)
     folder = _private_state_dir(trainer, name)
-    rounds = sorted(
-        int(path.stem.split("-")[1]) for path in folder.glob("round-*.safetensors") if path.stem[6:].isdigit()
-    )
+    rounds = _kept_rounds(folder)
     earlier = [index for index in rounds if index < before_round]
+    marker = folder / PRUNED_MARKER
+    if not earlier and marker.is_file() and before_round <= int(marker.read_text()):
+        raise ValueError(
+            f"The private state client {name!r} needs (from before round {before_round}) was deleted on this node: it "
+            f"keeps copies from round {marker.read_text()} on, the server's oldest checkpoint when it pruned. Resume "
+            "from a checkpoint the server still keeps."
+        )
     if earlier:
         state = load_file(folder / f"round-{earlier[-1]}.safetensors")
         if set(state) != set(trainer.private_keys):
@@ -162,15 +171,38 @@ def _restore_private_state(trainer: FederatedTrainer, name: str, before_round: i
         trainer.client_private_states[name] = state
 
 
-def _keep_private_state(trainer: FederatedTrainer, name: str, server_round: int) -> None:
+def _keep_private_state(
+    trainer: FederatedTrainer, name: str, server_round: int, oldest_resume_round: Optional[int]
+) -> None:
+    """Write client `name`'s private tensors of `server_round`; then delete its copies that no resume can need: those
+    older than the newest copy up to `oldest_resume_round` (none when the server sent no such round)."""
     state = trainer.client_private_states.get(name)
     if not state:
         return
     folder = _private_state_dir(trainer, name)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"round-{server_round}.safetensors"
-    temporary = target.with_suffix(".tmp")
-    save_file({key: value.contiguous() for key, value in state.items()}, str(temporary))
+    _write_atomically(target, lambda path: save_file({k: v.contiguous() for k, v in state.items()}, str(path)))
+    if oldest_resume_round is None:
+        return
+    rounds = _kept_rounds(folder)
+    needed = [index for index in rounds if index <= oldest_resume_round]
+    if len(needed) > 1:
+        # the marker first: an interruption between the two steps leaves it stricter than the files, never looser
+        _write_atomically(folder / PRUNED_MARKER, lambda path: path.write_text(str(needed[-1])))
+        for index in needed[:-1]:
+            (folder / f"round-{index}.safetensors").unlink(missing_ok=True)
+
+
+def _kept_rounds(folder: Path) -> list[int]:
+    return sorted(
+        int(path.stem.split("-")[1]) for path in folder.glob("round-*.safetensors") if path.stem[6:].isdigit()
+    )
+
+
+def _write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
+    temporary = target.with_name(target.name + ".tmp")
+    write(temporary)
     os.replace(temporary, target)
 
 

@@ -139,6 +139,9 @@ class Instruction:
         clients: the client to train (one), or the clients to evaluate.
         client_ids: the server's id of each client (-1: the adapter has no client-id embedding).
         extra: the caller's own settings (`train_config` / `evaluate_config`), carried along.
+        oldest_resume_round: the oldest round the server can still resume after (its oldest kept checkpoint, or the
+            previous round when it keeps none): a node may delete the client-private copies older than the newest one
+            up to that round. `None`: keep every copy.
     """
 
     server_round: int
@@ -148,6 +151,7 @@ class Instruction:
     clients: list[str] = field(default_factory=list)
     client_ids: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    oldest_resume_round: Optional[int] = None
 
 
 def _encode_settings(instruction: Instruction) -> ConfigRecord:
@@ -157,18 +161,22 @@ def _encode_settings(instruction: Instruction) -> ConfigRecord:
     )
     if instruction.proximal_mu is not None:
         settings["proximal-mu"] = float(instruction.proximal_mu)
+    if instruction.oldest_resume_round is not None:
+        settings["oldest-resume-round"] = int(instruction.oldest_resume_round)
     return settings
 
 
 def _decode_settings(config: Mapping[str, Any]) -> Instruction:
-    known = {"server-round", "seed", "aggregation", "proximal-mu", "client", "client-id", "clients", "client-ids"}
-    mu = config.get("proximal-mu")
+    known = {"server-round", "seed", "aggregation", "proximal-mu", "oldest-resume-round"}
+    known |= {"client", "client-id", "clients", "client-ids"}
+    mu, oldest = config.get("proximal-mu"), config.get("oldest-resume-round")
     return Instruction(
         server_round=int(config["server-round"]),
         seed=int(config["seed"]),
         aggregation=str(config["aggregation"]),
         proximal_mu=None if mu is None else float(mu),
         extra={key: value for key, value in config.items() if key not in known},
+        oldest_resume_round=None if oldest is None else int(oldest),
     )
 
 

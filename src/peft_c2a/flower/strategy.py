@@ -30,6 +30,7 @@ from torch import nn
 
 from ..federated.aggregation import state_nbytes
 from ..federated.arguments import FederatedTrainingArguments
+from ..federated.checkpoint import oldest_kept_round
 from ..federated.clients import descriptor_spec
 from ..federated.metrics import evaluation_summary, headline, pooled_scores, scalar_items
 from ..federated.rounds import (
@@ -405,6 +406,11 @@ class FederatedStrategy(ServerBacked, Strategy):
             clients=list(clients),
             client_ids=[self.client_ids.get(name, -1) for name in clients],
             extra=dict(config),
+            oldest_resume_round=(
+                oldest_kept_round(self.args.output_dir, self.server.run_id)
+                if self.args.save_every_rounds
+                else server_round - 1
+            ),
         )
 
     def _addressed_clients(self, reply: Message) -> tuple[str, ...]:
