@@ -16,7 +16,7 @@ import os
 from typing import Any, Optional
 
 from .budget import EPOCH_STEPS, PLATEAU_ROUNDS
-from .protocol import DEFAULT_METHODS, METHODS, ROOT, SCENARIOS
+from .protocol import BASELINES, DEFAULT_METHODS, METHODS, ROOT, SCENARIOS
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "federated"
 
@@ -44,16 +44,7 @@ PROTOCOL_V2_METHODS = (
     "c2a_no_label",
     "c2a_no_logit",
     "c2a_client_id",
-    "bottleneck",
-    "lora",
-    "fedprox_lora",
-    "fedprox_lora_mu0.001",
-    "fedprox_lora_mu0.1",
-    "head",
-    "local",
-    "prior_only",
-    "lora_prior",
-    "lora_ft",
+    *BASELINES,  # every method C2A is held to, the personalised ones included
     "c2a_ft",
     "centralized",
     "centralized_lora",
