@@ -398,6 +398,8 @@ class FederatedStrategy(ServerBacked, Strategy):
 
     def _instruction(self, config: Mapping[str, Any], server_round: int, clients: Sequence[str]) -> Instruction:
         """What a train / evaluate message asks of a node: the round, the settings a node must share, the clients."""
+        saving = self.args.save_every_rounds
+        oldest = oldest_kept_round(self.args.output_dir, self.server.run_id) if saving else server_round - 1
         return Instruction(
             server_round=server_round,
             seed=self.args.seed,
@@ -406,11 +408,8 @@ class FederatedStrategy(ServerBacked, Strategy):
             clients=list(clients),
             client_ids=[self.client_ids.get(name, -1) for name in clients],
             extra=dict(config),
-            oldest_resume_round=(
-                oldest_kept_round(self.args.output_dir, self.server.run_id)
-                if self.args.save_every_rounds
-                else server_round - 1
-            ),
+            # never past the previous round: a run resumed from an older checkpoint may still hold later ones
+            oldest_resume_round=min(oldest, server_round - 1),
         )
 
     def _addressed_clients(self, reply: Message) -> tuple[str, ...]:
