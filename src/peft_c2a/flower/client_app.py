@@ -158,10 +158,11 @@ def _restore_private_state(trainer: FederatedTrainer, name: str, before_round: i
     rounds = _kept_rounds(folder)
     earlier = [index for index in rounds if index < before_round]
     marker = folder / PRUNED_MARKER
-    if not earlier and marker.is_file() and before_round <= int(marker.read_text()):
+    kept_from = int(marker.read_text()) if marker.is_file() else None
+    if not earlier and kept_from is not None and before_round <= kept_from:
         raise ValueError(
             f"The private state client {name!r} needs (from before round {before_round}) was deleted on this node: it "
-            f"keeps copies from round {marker.read_text()} on, the server's oldest checkpoint when it pruned. Resume "
+            f"keeps copies from round {kept_from} on, the server's oldest checkpoint when it pruned. Resume "
             "from a checkpoint the server still keeps."
         )
     if earlier:

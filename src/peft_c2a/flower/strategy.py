@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -135,8 +136,13 @@ class FederatedStrategy(ServerBacked, Strategy):
         sampled = self.server.sample(server_round)
         self._round_record = {"sampled_clients": sampled}
         self._sent = []
+        # once per round, not per message: it reads the checkpoints' records; never past the previous round, since a
+        # run resumed from an older checkpoint may still hold later ones
+        args = self.args
+        oldest = oldest_kept_round(args.output_dir, self.server.run_id) if args.save_every_rounds else server_round - 1
+        oldest = min(oldest, server_round - 1)
         for name in sampled:
-            instruction = self._instruction(config, server_round, [name])
+            instruction = replace(self._instruction(config, server_round, [name]), oldest_resume_round=oldest)
             message = Message(
                 encode_train(arrays, instruction), message_type=MessageType.TRAIN, dst_node_id=self.client_nodes[name]
             )
@@ -398,8 +404,6 @@ class FederatedStrategy(ServerBacked, Strategy):
 
     def _instruction(self, config: Mapping[str, Any], server_round: int, clients: Sequence[str]) -> Instruction:
         """What a train / evaluate message asks of a node: the round, the settings a node must share, the clients."""
-        saving = self.args.save_every_rounds
-        oldest = oldest_kept_round(self.args.output_dir, self.server.run_id) if saving else server_round - 1
         return Instruction(
             server_round=server_round,
             seed=self.args.seed,
@@ -408,8 +412,6 @@ class FederatedStrategy(ServerBacked, Strategy):
             clients=list(clients),
             client_ids=[self.client_ids.get(name, -1) for name in clients],
             extra=dict(config),
-            # never past the previous round: a run resumed from an older checkpoint may still hold later ones
-            oldest_resume_round=min(oldest, server_round - 1),
         )
 
     def _addressed_clients(self, reply: Message) -> tuple[str, ...]:
