@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in args.seeds:
         batches = bbc_batches(tokenizer, args.steps, args.batch_size, args.max_length, seed)
         for lr in args.lrs:
-            c2a, plain = (measure(method, lr, seed, args, batches) for method in FAMILIES[args.family])
+            c2a, plain = (measure(method, lr, seed, args, batches) for method in (generated, reference))
             ratios = [c / b for c, b in zip(c2a["adapter_shift"], plain["adapter_shift"], strict=True)]
             runs.append({"lr": lr, "seed": seed, "c2a": c2a, reference: plain, "ratio": ratios})
             print(
