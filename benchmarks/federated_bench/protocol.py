@@ -140,6 +140,7 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "round_lr_scheduler": "constant",
     "test_examples_per_client": 0,
     "selection_seeds": 1,
+    "precision": "fp32",
 }
 GRID_EXTENSIONS = 2  # a chosen lr at an edge of the grid adds the next rate beyond it, up to 2 per side
 SELECTION_RULE = (
@@ -176,6 +177,7 @@ PROTOCOL_KEYS = (
     "round_lr_scheduler",
     "test_examples_per_client",
     "selection_seeds",
+    "precision",
 )
 LANGUAGE_KEYS = (
     "languages",

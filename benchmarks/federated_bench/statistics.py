@@ -29,6 +29,9 @@ PAIRED_SCORES = (
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 LEVEL = 0.95
+# fewer paired seeds than this get no interval and no claim: one seed's "interval" is a point, and two seeds give a
+# bootstrap only three distinct means, so any two differences of one sign would read as a lead
+MIN_CLAIM_SEEDS = 3
 
 
 def client_percentile(per_client: Mapping[str, Optional[float]], q: float = 10.0) -> Optional[float]:
@@ -72,18 +75,23 @@ def bootstrap_interval(
 
 def paired_difference(reference: Mapping[int, float], other: Mapping[int, float]) -> Optional[dict[str, Any]]:
     """`reference - other` on the seeds both have: per seed, their mean, the bootstrap interval, and the verdict
-    (`"lead"` / `"loss"` only when the interval excludes 0, else `"no claim"`); `None` without a common seed."""
+    (`"lead"` / `"loss"` only when the interval excludes 0, else `"no claim"`); `None` without a common seed. With
+    fewer than `MIN_CLAIM_SEEDS` common seeds the interval is `None` and the verdict `"too few seeds"`."""
     seeds = sorted(set(reference) & set(other))
     if not seeds:
         return None
     differences = [reference[seed] - other[seed] for seed in seeds]
-    low, high = bootstrap_interval(differences)
-    verdict = "lead" if low > 0 else "loss" if high < 0 else "no claim"
+    interval: Optional[list[float]] = None
+    verdict = "too few seeds"
+    if len(seeds) >= MIN_CLAIM_SEEDS:
+        low, high = bootstrap_interval(differences)
+        interval = [low, high]
+        verdict = "lead" if low > 0 else "loss" if high < 0 else "no claim"
     return {
         "seeds": seeds,
         "per_seed": differences,
         "mean": float(np.mean(differences)),
-        "interval": [low, high],
+        "interval": interval,
         "verdict": verdict,
     }
 
@@ -113,18 +121,23 @@ def paired_markdown(paired: Mapping[str, Mapping[str, Any]], reference: str = "c
     }
     lines = [
         f"Paired by seed: {reference} minus each method, mean and {LEVEL:.0%} percentile-bootstrap interval "
-        f"({BOOTSTRAP_RESAMPLES:,} resamples); *lead* / *loss* only where the interval excludes 0.",
+        f"({BOOTSTRAP_RESAMPLES:,} resamples); *lead* / *loss* only where the interval excludes 0; no interval and no "
+        f"claim with fewer than {MIN_CLAIM_SEEDS} paired seeds.",
         "",
         "| method | seeds | " + " | ".join(labels[score] for score in PAIRED_SCORES) + " |",
         "|---|---|" + "---|" * len(PAIRED_SCORES),
     ]
     for method, cells in paired.items():
         seeds = next((cell["seeds"] for cell in cells.values() if cell), [])
-        row = [
-            "–"
-            if cell is None
-            else f"{cell['mean']:+.3f} [{cell['interval'][0]:+.3f}, {cell['interval'][1]:+.3f}] {cell['verdict']}"
-            for cell in (cells[score] for score in PAIRED_SCORES)
-        ]
+        row = [_paired_cell(cells[score]) for score in PAIRED_SCORES]
         lines.append(f"| {method} | {','.join(map(str, seeds)) or '–'} | " + " | ".join(row) + " |")
     return lines + [""]
+
+
+def _paired_cell(cell: Optional[Mapping[str, Any]]) -> str:
+    if cell is None:
+        return "–"
+    if cell["interval"] is None:
+        return f"{cell['mean']:+.3f} ({cell['verdict']})"
+    low, high = cell["interval"]
+    return f"{cell['mean']:+.3f} [{low:+.3f}, {high:+.3f}] {cell['verdict']}"

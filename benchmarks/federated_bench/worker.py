@@ -36,6 +36,8 @@ def training_arguments(spec: RunSpec, output_dir: str, local_steps: Optional[int
 
     `local_steps` is the run's resolved steps per round (`Federation.local_steps`); without it the setting must be a
     number."""
+    import torch
+
     from peft_c2a.federated import FederatedTrainingArguments
 
     settings, method = spec.settings, METHODS[spec.method]
@@ -66,6 +68,10 @@ def training_arguments(spec: RunSpec, output_dir: str, local_steps: Optional[int
         logging_strategy="no",
         disable_tqdm=True,
         round_lr_scheduler=setting(settings, "round_lr_scheduler"),
+        # mixed precision: bf16 autocast around every forward (fp32 master weights and optimizer state); the Trainer
+        # takes bf16 on a CPU only when told it is on one
+        bf16=setting(settings, "precision") == "bf16",
+        use_cpu=not torch.cuda.is_available(),
     )
     # what defines the method (FedProx's mu of a variant, FedAvg-FT's steps, ...) overrides the shared settings
     return FederatedTrainingArguments(**{**values, **dict(method.trainer_options)})

@@ -31,6 +31,16 @@ def cpu_model() -> str:
     return next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), cpu)
 
 
+def cpu_has_bf16() -> Optional[bool]:
+    """Whether oneDNN runs bf16 natively on this CPU (`None` where this torch cannot say)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def environment(threads: Optional[int] = None) -> dict[str, Any]:
     """Hardware, software versions and provenance of this process: which `peft_c2a` was measured (its folder, a
     digest of its sources, the repository's HEAD), on what, and how busy the machine was."""
@@ -59,6 +69,8 @@ def environment(threads: Optional[int] = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads() if threads is None else threads,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # bf16 runs are fast only on CPUs with bf16 instructions (elsewhere oneDNN emulates them)
+        "cpu_bf16": cpu_has_bf16(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__,

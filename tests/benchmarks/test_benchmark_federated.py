@@ -561,6 +561,24 @@ def test_protocol_v2_settings_reach_the_run_and_older_files_keep_v1_values(bench
     assert proto.setting(old, "test_examples_per_client") == v1["test_examples_per_client"] == 0
 
 
+def test_precision_is_a_protocol_setting_that_reaches_the_trainer(bench, proto, worker, tmp_path):
+    argv = ["--quick", "--output_dir", str(tmp_path)]
+    fp32 = bench.protocol_settings(bench.parse_args(argv), "label_skew")
+    bf16 = bench.protocol_settings(bench.parse_args([*argv, "--precision", "bf16"]), "label_skew")
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    for settings, expected in ((fp32, False), (bf16, True)):
+        spec = proto.RunSpec("label_skew", 0.1, "c2a", "final", 3e-3, 0, settings=settings)
+        assert worker.training_arguments(spec, str(tmp_path)).bf16 is expected
+    # files written before the setting existed ran in fp32: they match an fp32 spec and never a bf16 one
+    old = {"config": {"settings": {k: v for k, v in fp32.items() if k != "precision"}}}
+    assert proto.protocol_mismatch(old, proto.RunSpec("label_skew", 0.1, "c2a", "final", 3e-3, 0, fp32)) == {}
+    assert proto.protocol_mismatch(old, proto.RunSpec("label_skew", 0.1, "c2a", "final", 3e-3, 0, bf16)) == {
+        "precision": ("fp32", "bf16")
+    }
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv, "--precision", "fp16"])
+
+
 def test_selection_over_two_seeds_averages_their_criteria(bench, proto, reporting, tmp_path):
     args = bench.parse_args(
         [

@@ -97,7 +97,7 @@ def test_protocol_v2_preset_is_frozen_and_explicit_flags_still_win(bench):
     args = bench.parse_args(["--protocol", "v2"])
     assert (args.num_rounds, args.local_steps) == ("plateau", "epoch")
     assert (args.selection_seeds, args.selection_rounds, args.selection_tie_margin) == (2, 5, 0.0)
-    assert (args.round_lr_scheduler, args.test_examples_per_client) == ("cosine", 20)
+    assert (args.round_lr_scheduler, args.test_examples_per_client, args.precision) == ("cosine", 20, "bf16")
     assert args.seeds == [0, 1, 2, 3, 4] and args.lrs == [1e-3, 3e-3, 1e-2]
     assert args.methods == list(arguments.PROTOCOL_V2_METHODS) and args.output_dir.endswith("federated_v2")
     for method in ("prior_only", "lora_prior", "lora_ft", "c2a_ft", "centralized_lora", "fedprox_lora_mu0.1"):

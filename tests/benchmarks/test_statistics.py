@@ -46,10 +46,14 @@ def test_paired_difference_pairs_common_seeds_and_claims_only_outside_zero():
     lead = paired_difference({0: 0.9, 1: 0.8, 2: 0.85, 3: 0.7}, {0: 0.7, 1: 0.75, 2: 0.6})
     assert lead["seeds"] == [0, 1, 2] and lead["per_seed"] == pytest.approx([0.2, 0.05, 0.25])
     assert lead["mean"] == pytest.approx(0.5 / 3) and lead["verdict"] == "lead"
-    mixed = paired_difference({0: 0.9, 1: 0.5}, {0: 0.7, 1: 0.6})
+    mixed = paired_difference({0: 0.9, 1: 0.5, 2: 0.7}, {0: 0.7, 1: 0.6, 2: 0.7})
     assert mixed["verdict"] == "no claim" and mixed["interval"][0] < 0 < mixed["interval"][1]
-    assert paired_difference({0: 0.1, 1: 0.2}, {0: 0.3, 1: 0.5})["verdict"] == "loss"
+    assert paired_difference({0: 0.1, 1: 0.2, 2: 0.3}, {0: 0.3, 1: 0.5, 2: 0.4})["verdict"] == "loss"
     assert paired_difference({0: 0.1}, {1: 0.2}) is None
+    # one or two paired seeds: the difference is reported, but no interval and no claim, however large it is
+    for seeds in ([0], [0, 1]):
+        few = paired_difference({s: 0.9 for s in seeds}, {s: 0.1 for s in seeds})
+        assert few["mean"] == pytest.approx(0.8) and few["interval"] is None and few["verdict"] == "too few seeds"
 
 
 def test_per_seed_scores_and_the_10th_percentile_client():
@@ -65,17 +69,21 @@ def test_per_seed_scores_and_the_10th_percentile_client():
 
 
 def test_paired_against_and_its_table():
+    c2a = [run(0, 0.9, {"a": 0.9}, [0.9]), run(1, 0.8, {"a": 0.8}, [0.8]), run(2, 0.7, {"a": 0.7}, [0.7])]
+    lora = [run(0, 0.7, {"a": 0.5}, [0.7]), run(1, 0.6, {"a": 0.4}, [0.6]), run(2, 0.5, {"a": 0.3}, [0.5])]
     rows = {
-        "c2a": {"per_seed": per_seed_scores([run(0, 0.9, {"a": 0.9}, [0.9]), run(1, 0.8, {"a": 0.8}, [0.8])], 5)},
-        "lora": {"per_seed": per_seed_scores([run(0, 0.7, {"a": 0.5}, [0.7]), run(1, 0.6, {"a": 0.4}, [0.6])], 5)},
+        "c2a": {"per_seed": per_seed_scores(c2a, 5)},
+        "lora": {"per_seed": per_seed_scores(lora, 5)},
+        "lora_two_seeds": {"per_seed": per_seed_scores(lora[:2], 5)},
         "local": {"per_seed": per_seed_scores([], 5)},
     }
     paired = paired_against(rows)
-    assert set(paired) == {"lora", "local"}
+    assert set(paired) == {"lora", "lora_two_seeds", "local"}
     assert paired["lora"]["personalized_mean_accuracy"]["mean"] == pytest.approx(0.2)
     assert paired["lora"]["personalized_mean_accuracy"]["verdict"] == "lead"
     assert paired["local"]["global_accuracy"] is None
     table = paired_markdown(paired)
-    assert any(line.startswith("| lora | 0,1 | +0.200 [+0.200, +0.200] lead") for line in table)
+    assert any(line.startswith("| lora | 0,1,2 | +0.200 [+0.200, +0.200] lead") for line in table)
+    assert any(line.startswith("| lora_two_seeds | 0,1 | +0.200 (too few seeds) |") for line in table)
     assert any(line.startswith("| local | – | – |") for line in table)
     assert paired_against({"lora": rows["lora"]}) == {} and paired_markdown({}) == []
