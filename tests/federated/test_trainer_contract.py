@@ -13,6 +13,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback, default_data_co
 
 from peft_c2a.federated import FederatedTrainer, FederatedTrainingArguments
 from peft_c2a.federated.best_round import best_evaluation
+from peft_c2a.federated.callback_states import export_callback_states, restore_callback_states
 from peft_c2a.federated.checkpoint import TRAINABLE_STATE_FILE, list_checkpoints
 
 from ..federated_utils import fed_args, tiny_model
@@ -179,6 +180,50 @@ def test_early_stopping_callback_stops_the_federation_and_checkpoints_the_last_r
     assert output.global_step == 2 and [record["round"] for record in trainer.history] == [1, 2]
     # the stopping round is checkpointed (resumable) although 2 is not a multiple of save_every_rounds
     assert [index for index, _ in list_checkpoints(tmp_path)] == [2]
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_early_stopping_patience_survives_a_resume_when_callback_states_are_restored(tmp_path, restore):
+    clients, evals = make_clients({"client-a": 6, "client-b": 8}, eval_size=4)
+    options = dict(
+        num_rounds=6,
+        save_every_rounds=3,
+        metric_for_best_model="personalized_mean_loss",
+        load_best_model_at_end=True,
+        restore_callback_states_from_checkpoint=restore,
+    )
+    # no round counts as an improvement (threshold), so the counter is the number of evaluations after the first
+    uninterrupted = build(tmp_path / "whole", clients, evals, **options)
+    uninterrupted.add_callback(EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=1e9))
+    assert uninterrupted.train().global_step == 3
+
+    # the same run, stopped after round 2 by patience 1 (counter 1), resumed with patience 2
+    first = build(tmp_path / "split", clients, evals, **options)
+    first.add_callback(EarlyStoppingCallback(early_stopping_patience=1, early_stopping_threshold=1e9))
+    assert first.train().global_step == 2
+    meta = first.server.read_checkpoint(list_checkpoints(tmp_path / "split")[-1][1]).meta
+    assert meta["callback_states"]["EarlyStoppingCallback"][0]["attributes"] == {"early_stopping_patience_counter": 1}
+    resumed = build(tmp_path / "split", clients, evals, **options)
+    stopper = EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=1e9)
+    resumed.add_callback(stopper)
+    output = resumed.train(resume_from_checkpoint=True)
+    # restored: the counter goes on from 1 and the resumed run stops where the uninterrupted one did; not restored
+    # (the Trainer's default too): it counts afresh and runs one round longer
+    assert output.global_step == (3 if restore else 4) and stopper.early_stopping_patience == 2
+    assert [record["round"] for record in resumed.history] == list(range(1, output.global_step + 1))
+
+
+def test_callback_states_go_to_callbacks_of_their_class_in_order_and_the_rest_is_reported(caplog):
+    first, second = EarlyStoppingCallback(3), EarlyStoppingCallback(4)
+    first.early_stopping_patience_counter, second.early_stopping_patience_counter = 1, 2
+    stored = export_callback_states([Recorder(), first, second])
+    assert list(stored) == ["EarlyStoppingCallback"]  # only ExportableState callbacks have a state
+    fresh = [EarlyStoppingCallback(5)]
+    with caplog.at_level(logging.WARNING, logger="peft_c2a.federated.callback_states"):
+        restore_callback_states(fresh, {**stored, "MissingCallback": [{"attributes": {"x": 1}}]})
+    # the first stored state goes to the one callback of its class; its constructor arguments are kept
+    assert (fresh[0].early_stopping_patience_counter, fresh[0].early_stopping_patience) == (1, 5)
+    assert "EarlyStoppingCallback (1 of 2)" in caplog.text and "MissingCallback (1 of 1)" in caplog.text
 
 
 def test_a_missing_metric_for_best_model_names_the_available_ones(tmp_path):

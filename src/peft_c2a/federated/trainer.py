@@ -41,6 +41,7 @@ from transformers.trainer_utils import EvalPrediction, IntervalStrategy, TrainOu
 
 from .arguments import FederatedTrainingArguments
 from .best_round import best_evaluation, check_metric_present
+from .callback_states import export_callback_states, restore_callback_states
 from .checkpoint import (
     CLIENT_PRIVATE_FILE,
     CLIENT_STATES_FILE,
@@ -375,6 +376,7 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
                 "client_state_order": client_order,
                 "client_private_order": private_order,
                 "local_optimizer": optimizer_meta,
+                "callback_states": export_callback_states(self.callback_handler.callbacks),
                 **rng_states_to_json(),
             }
             # the global state is in the model now, so PeftModel.save_pretrained writes the global adapter
@@ -447,4 +449,6 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
             unwrap_optimizer(self.optimizer).load_state_dict(state)
         torch.set_rng_state(tensors[RNG_FILE]["torch"])
         rng_states_from_json(meta)
+        if self.args.restore_callback_states_from_checkpoint:
+            restore_callback_states(self.callback_handler.callbacks, meta.get("callback_states", {}))
         return round_index
