@@ -81,6 +81,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--client-size", type=int, default=16, help="training examples per client")
     parser.add_argument("--clients-per-round", type=int, default=3)
     parser.add_argument("--aggregation", default="fedadam")
+    parser.add_argument("--robust-aggregation", default="none")
     parser.add_argument("--federation-mode", default="federated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-optimizer", action="store_true", help="reset_optimizer_each_round=False")
@@ -98,6 +99,7 @@ def build_trainer(options: argparse.Namespace) -> KillableTrainer:
         num_rounds=options.num_rounds,
         clients_per_round=options.clients_per_round,
         aggregation=options.aggregation,
+        robust_aggregation=options.robust_aggregation,
         federation_mode=options.federation_mode,
         save_every_rounds=1,
         seed=options.seed,

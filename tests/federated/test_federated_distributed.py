@@ -90,11 +90,14 @@ def torchrun(port: int, output_dir: Path, *extra: str) -> subprocess.Popen:
 def launched(tmp_path_factory) -> dict:
     """Runs that do not depend on each other, all started at once (they only share the CPU)."""
     root = tmp_path_factory.mktemp("distributed")
-    port, other_port = free_ports(2)
+    port, other_port, median_port = free_ports(3)
+    median = ("--robust-aggregation", "median")
     processes = {
         "single": start(*WORKER, "--output-dir", str(root / "single"), *SETTINGS),
         "torchrun": torchrun(port, root / "torchrun"),
         "keep_optimizer": torchrun(other_port, root / "keep_optimizer", "--keep-optimizer"),
+        "single_median": start(*WORKER, "--output-dir", str(root / "single_median"), *SETTINGS, *median),
+        "torchrun_median": torchrun(median_port, root / "torchrun_median", *median),
     }
     results = {name: finish(process) for name, process in processes.items()}
     return {name: (root / name, *result) for name, result in results.items()}
@@ -211,6 +214,20 @@ def test_accelerate_launch_two_processes_resume_a_single_process_checkpoint(laun
     assert_same_history(history, single_history)
     assert_complete_checkpoints(output_dir, [1, 2, 3, 4], state)
     assert {name: fingerprints(output_dir / name) for name in ("round-1", "round-2")} == finished
+
+
+def test_robust_aggregation_with_two_processes_matches_one_process(launched):
+    # process 0 trains two of a round's three clients, process 1 one: the median needs all three updates
+    single_state, single_history, _ = read_run(successful(launched, "single_median"))
+    output_dir = successful(launched, "torchrun_median")
+    state, history, info = read_run(output_dir)
+    assert (info["world_size"], info["rounds_run"]) == (2, [1, 2, 3, 4])
+    assert_sharded(info, history)
+    assert_close_states(state, single_state)
+    assert_same_history(history, single_history)
+    # and the median is not the mean: the same federation aggregated by FedAdam on the weighted mean ends elsewhere
+    mean_state, _, _ = read_run(successful(launched, "single"))
+    assert max((mean_state[key] - single_state[key]).abs().max().item() for key in single_state) > 1e-4
 
 
 def test_carried_over_local_optimizer_is_refused_with_two_processes(launched):

@@ -9,8 +9,9 @@ then evaluate, log and checkpoint.
 Design choices worth knowing:
 - *Clients, not batches, are distributed.* Under `accelerate launch` or `torchrun` every process trains its share
   of the round's clients on its own (the model is never wrapped in DDP); the example-weighted sums of their
-  updates are all-reduced once per round. Each client's local training is seeded from `(seed, round, client)`, so
-  the result is the same with any number of processes and after resuming.
+  updates are all-reduced once per round (a robust aggregation gathers the updates themselves). Each client's local
+  training is seeded from `(seed, round, client)`, so the result is the same with any number of processes and after
+  resuming.
 - *The trainable state is what communicates.* Whatever `requires_grad` -- a C2A hypernetwork, bottleneck or LoRA
   weights, a classifier head, prompt embeddings -- is sent down, trained, and sent back. Any PEFT model (or a plain
   model with some parameters frozen) works; only C2A models get client descriptors.
@@ -160,8 +161,6 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
             )
         if not args.reset_optimizer_each_round and args.world_size > 1:
             raise ValueError("`reset_optimizer_each_round=False` is supported in a single process only.")
-        if args.robust_aggregation != "none" and args.world_size > 1:
-            raise ValueError("`robust_aggregation` is supported in a single process (or on Flower) only.")
         if args.federation_mode == "centralized":
             self._pooled_client = ClientData(POOLED_CLIENT, self._pool_training_clients())
         # datasets with the model's unused columns removed, made once per dataset instead of every round
@@ -320,6 +319,8 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
             reports = gather_object(reports)
             accumulator.weighted_sum = self.accelerator.reduce(accumulator.weighted_sum.to(args.device), "sum").cpu()
             accumulator.total_weight = sum(weights[r.client] for r in reports if r.ok and not local_mode)
+            if accumulator.updates is not None:  # a robust aggregation sorts every update, so the order is moot
+                accumulator.updates = [update for part in gather_object([accumulator.updates]) for update in part]
             if local_mode:
                 for part in gather_object([new_client_states]):
                     self.client_states.update(part)
