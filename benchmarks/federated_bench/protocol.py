@@ -130,6 +130,9 @@ VALIDATION_PHASES = ("budget", "select")  # phases that train on the fit carve a
 # The issue's targets are checked on these scenarios: (scenario, alpha or None for any alpha).
 TARGET_SCENARIOS = (("label_skew", 0.1), ("language_skew", None))
 WORST_CLIENT_MARGIN = 0.02  # C2A must beat the best baseline's worst-client accuracy by 2 points
+# protocol v2's targets (issue 20): C2A against the best of the personalised baselines on the personalised mean, and
+# against FedAvg-LoRA on global accuracy, each a paired interval that must exclude zero to pass
+PERSONALISED_BASELINES = ("prior_only", "lora_prior", "lora_ft", "local")
 ROUNDS_FRACTION = 0.95  # rounds to reach 95 % of the best final personalised mean accuracy
 TAIL_ROUNDS = 5  # the report also gives accuracies averaged over the last 5 rounds (the final round alone is noisy)
 SELECTION_TIE_MARGIN = 0.01  # lr selection: validation scores within 1 point of the best are ties (-> smaller lr)

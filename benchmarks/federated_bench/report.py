@@ -19,6 +19,7 @@ from .protocol import (
     LANGUAGE_KEYS,
     METHODS,
     NO_SELECTION_RULE,
+    PERSONALISED_BASELINES,
     ROUNDS_FRACTION,
     SETTING_DEFAULTS,
     TAIL_ROUNDS,
@@ -241,8 +242,48 @@ def check_targets(summary: Mapping[str, Any]) -> list[str]:
             lines.append(f"MISSING: {name}: no results")
             continue
         for scenario in matches:
-            lines += scenario_targets(scenario)
+            lines += scenario_targets(scenario) + paired_targets(scenario)
     return lines
+
+
+def paired_targets(scenario: Mapping[str, Any]) -> list[str]:
+    """Protocol v2's targets, from the paired intervals against C2A: a lead over the best personalised baseline (by
+    its test mean, the choice that favours the baselines) on the personalised mean, and over FedAvg-LoRA on global
+    accuracy. PASS only where the interval excludes zero above; FAIL names what it is instead (level, a loss, too few
+    seeds); MISSING where a side has no final runs."""
+    rows, paired = scenario["methods"], scenario.get("paired_vs_c2a", {})
+    name = f"{scenario['scenario']} alpha={fmt_number(scenario['alpha'])}"
+    if "c2a" not in rows:
+        return []
+    present = [
+        m for m in PERSONALISED_BASELINES if m in rows and rows[m]["personalized_mean_accuracy"]["mean"] is not None
+    ]
+    missing = [m for m in PERSONALISED_BASELINES if m not in present]
+    lines = []
+    if present:
+        best = max(present, key=lambda m: rows[m]["personalized_mean_accuracy"]["mean"])
+        lines.append(
+            _paired_line(
+                name, paired.get(best, {}).get("personalized_mean_accuracy"), "personalised mean", best,
+                f" [personalised baselines compared: {', '.join(present)}"
+                + (f"; MISSING {', '.join(missing)}]" if missing else "]"),
+            )
+        )  # fmt: skip
+    else:
+        lines.append(f"MISSING: {name}: no personalised baseline ({', '.join(PERSONALISED_BASELINES)}) final runs")
+    lines.append(_paired_line(name, paired.get("lora", {}).get("global_accuracy"), "global accuracy", "lora", ""))
+    return lines
+
+
+def _paired_line(name: str, cell: Optional[Mapping[str, Any]], score: str, against: str, note: str) -> str:
+    if cell is None:
+        return f"MISSING: {name}: no paired C2A and {against} final runs for the {score}"
+    verdict = "PASS" if cell["verdict"] == "lead" else "FAIL"
+    interval = "" if cell["interval"] is None else " [{:+.4f}, {:+.4f}]".format(*cell["interval"])
+    return (
+        f"{verdict}: {name}: C2A minus {against}, {score}: {cell['mean']:+.4f}{interval} over seeds "
+        f"{','.join(map(str, cell['seeds']))} ({cell['verdict']}; a pass needs a lead){note}"
+    )
 
 
 def scenario_targets(scenario: Mapping[str, Any]) -> list[str]:

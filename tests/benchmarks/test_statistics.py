@@ -1,10 +1,11 @@
-"""The benchmark report's paired statistics: per-seed scores, C2A minus each method by seed, bootstrap intervals, and
-verdicts only where an interval excludes zero."""
+"""The benchmark report's paired statistics: per-seed scores, C2A minus each method by seed, bootstrap intervals,
+verdicts only where an interval excludes zero, and protocol v2's targets built on them."""
 
 from __future__ import annotations
 
 import pytest
 
+from benchmarks.federated_bench.report import paired_targets
 from benchmarks.federated_bench.statistics import (
     PAIRED_SCORES,
     bootstrap_interval,
@@ -87,3 +88,35 @@ def test_paired_against_and_its_table():
     assert any(line.startswith("| lora_two_seeds | 0,1 | +0.200 (too few seeds) |") for line in table)
     assert any(line.startswith("| local | – | – |") for line in table)
     assert paired_against({"lora": rows["lora"]}) == {} and paired_markdown({}) == []
+
+
+def test_protocol_v2_targets_pass_only_on_a_lead_over_the_best_personalised_baseline():
+    def row(mean):
+        return {"personalized_mean_accuracy": {"mean": mean}}
+
+    seeds = (0, 1, 2)
+    c2a = {"personalized_mean_accuracy": dict.fromkeys(seeds, 0.90), "global_accuracy": dict.fromkeys(seeds, 0.80)}
+    rows = {"c2a": row(0.90), "prior_only": row(0.70), "lora_ft": row(0.88), "lora": row(0.60)}
+    scenario = {
+        "scenario": "label_skew",
+        "alpha": 0.1,
+        "methods": rows,
+        "paired_vs_c2a": {
+            # lora_ft, the best personalised baseline by its mean, is level with C2A; prior-only is far behind
+            "lora_ft": {"personalized_mean_accuracy": paired_difference(c2a["personalized_mean_accuracy"],
+                                                                        {0: 0.95, 1: 0.85, 2: 0.84})},
+            "prior_only": {"personalized_mean_accuracy": paired_difference(c2a["personalized_mean_accuracy"],
+                                                                           dict.fromkeys(seeds, 0.70))},
+            "lora": {"global_accuracy": paired_difference(c2a["global_accuracy"], {0: 0.70, 1: 0.75, 2: 0.72})},
+        },
+    }  # fmt: skip
+    personal, global_ = paired_targets(scenario)
+    assert personal.startswith("FAIL: label_skew alpha=0.1: C2A minus lora_ft, personalised mean: +0.0")
+    assert "(no claim; a pass needs a lead)" in personal and "MISSING lora_prior, local" in personal
+    assert global_.startswith("PASS: label_skew alpha=0.1: C2A minus lora, global accuracy: +0.0767 [")
+    # with two seeds there is no interval, so nothing passes; without the baselines' runs the lines say MISSING
+    scenario["paired_vs_c2a"]["lora"]["global_accuracy"] = paired_difference({0: 0.9, 1: 0.9}, {0: 0.1, 1: 0.1})
+    assert paired_targets(scenario)[1].startswith("FAIL") and "(too few seeds;" in paired_targets(scenario)[1]
+    bare = {**scenario, "methods": {"c2a": row(0.9)}, "paired_vs_c2a": {}}
+    assert [line.split(":")[0] for line in paired_targets(bare)] == ["MISSING", "MISSING"]
+    assert paired_targets({**scenario, "methods": {}}) == []
