@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from ..script_loading import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "federated.py"
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_federated", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_federated", SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +22,18 @@ def bench():
     return load_benchmark()
 
 
-@pytest.fixture(scope="module")
-def proto(bench):
-    """Definitions, run files and the pure helpers (importable once the command line has set up sys.path)."""
-    return importlib.import_module("benchmarks.federated_bench.protocol")
+def _package_module(fixture_name: str, module: str, doc: str):
+    """A fixture returning `benchmarks.federated_bench.<module>` (importable once the command line has set up
+    sys.path, hence the `bench` dependency)."""
+
+    def fixture(bench):
+        return importlib.import_module(f"benchmarks.federated_bench.{module}")
+
+    fixture.__doc__ = doc
+    return pytest.fixture(scope="module", name=fixture_name)(fixture)
 
 
-@pytest.fixture(scope="module")
-def worker(bench):
-    return importlib.import_module("benchmarks.federated_bench.worker")
-
-
-@pytest.fixture(scope="module")
-def federation(bench):
-    """A run's clients: data, partition, validation carve (imported once the command line has set up sys.path)."""
-    return importlib.import_module("benchmarks.federated_bench.federation")
-
-
-@pytest.fixture(scope="module")
-def reporting(bench):
-    return importlib.import_module("benchmarks.federated_bench.report")
+proto = _package_module("proto", "protocol", "Definitions, run files and the pure helpers.")
+worker = _package_module("worker", "worker", "One run in its worker process.")
+federation = _package_module("federation", "federation", "A run's clients: data, partition, validation carve.")
+reporting = _package_module("reporting", "report", "Run files -> summary and targets.")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -18,16 +17,14 @@ from transformers import AutoModelForSequenceClassification
 import peft_c2a  # noqa: F401  (registers the C2A type for PeftModel.from_pretrained)
 from peft_c2a.assets import load_bbc_news, minilm_path
 
+from ..script_loading import load_script as load_script_at
+
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "federated_text_classification.py"
 SMALL = ["--max_seq_length", "32", "--local_max_steps", "2", "--num_rounds", "1", "--per_device_eval_batch_size", "128"]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("federated_text_classification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script_at("federated_text_classification", SCRIPT)
 
 
 @pytest.fixture(scope="module")
