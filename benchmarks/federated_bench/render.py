@@ -53,6 +53,8 @@ TABLE_COLUMNS = (
     "global acc.",
     "personalised mean",
     "personalised worst",
+    "10th-percentile client",
+    "example-weighted personalised",
     "unseen mean",
     f"last {TAIL_ROUNDS} rounds: global / personalised mean / worst",
     "rounds to 95%",
@@ -78,7 +80,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "constant learning rate leaves the global model swinging from round to round, so the final round alone is "
         "a noisy reading). "
         "*Personalised*: each training client on its own test split (`partition_like`, its training label mix) with "
-        "its own descriptor (`local`: its own model); *worst*: the lowest client; *unseen*: held-out clients with "
+        "its own descriptor (`local`: its own model); *worst*: the lowest client; *10th-percentile client*: the "
+        "clients' 10th percentile (linear interpolation), steadier than the worst where clients have few test "
+        "examples; *example-weighted*: all clients' test examples pooled; *unseen*: held-out clients with "
         "their own descriptors; *global*: the whole test set, no descriptor (C2A: uniform). `local` has no global "
         "model, so no global or unseen figures. *Rounds to 95%*: first round at which the seed-mean personalised "
         "mean accuracy reaches 95% of the best final personalised mean accuracy among C2A and the baselines "
@@ -115,6 +119,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
                 pm(row["global_accuracy"]),
                 pm(row["personalized_mean_accuracy"]),
                 pm(row["personalized_worst_accuracy"]),
+                pm(row["personalized_p10_accuracy"]),
+                pm(row["personalized_weighted_accuracy"]),
                 pm(row["unseen_mean_accuracy"]),
                 " / ".join(
                     pm(row[key])
@@ -188,6 +194,8 @@ CSV_STATS = (
     "global_accuracy",
     "personalized_mean_accuracy",
     "personalized_worst_accuracy",
+    "personalized_p10_accuracy",
+    "personalized_weighted_accuracy",
     "unseen_mean_accuracy",
     "global_accuracy_tail",
     "personalized_mean_accuracy_tail",

@@ -39,7 +39,7 @@ from .protocol import (
     tail_mean,
 )
 from .render import markdown, pm, write_csv, write_plots
-from .statistics import paired_against, per_seed_scores
+from .statistics import client_percentile, paired_against, per_seed_scores
 
 # =====================================================================================================================
 # Report
@@ -172,6 +172,9 @@ def method_row(method: str, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
         "global_accuracy": stat(final("global_accuracy")),
         "personalized_mean_accuracy": stat(final("personalized_mean_accuracy")),
         "personalized_worst_accuracy": stat(final("personalized_worst_accuracy")),
+        # beside the worst client, which hinges on clients with a handful of test examples
+        "personalized_p10_accuracy": stat(lambda run: client_percentile(run["derived"].get("per_client_accuracy", {}))),
+        "personalized_weighted_accuracy": stat(final("personalized_weighted_accuracy")),
         "unseen_mean_accuracy": stat(final("unseen_mean_accuracy")),
         "personalized_mean_accuracy_tail": stat(tail("personalized_mean_accuracy")),
         "personalized_worst_accuracy_tail": stat(tail("personalized_worst_accuracy")),

@@ -247,6 +247,8 @@ def test_aggregate_rounds_threshold_and_targets(reporting):
     c2a = rows["c2a"]
     assert c2a["personalized_mean_accuracy"]["mean"] == pytest.approx(0.9)
     assert c2a["personalized_worst_accuracy"]["std"] == pytest.approx(np.std([0.6, 0.62], ddof=1))
+    assert c2a["personalized_p10_accuracy"]["mean"] == pytest.approx(0.9)  # one client per run: its own score
+    assert c2a["personalized_weighted_accuracy"]["n"] == 0  # the fake runs record no example-weighted mean
     # threshold: 95 % of the best non-upper-bound final personalised mean (C2A's 0.90), not centralized's 0.99
     assert c2a["rounds_threshold"] == pytest.approx(0.855)
     assert c2a["rounds_to_95"] == 3  # seed-mean curve 0.83 at round 2, 0.90 at round 3
