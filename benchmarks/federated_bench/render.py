@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .glance import glance_markdown
 from .protocol import (
     _FILE_MODE,
     GRID_EXTENSIONS,
@@ -91,6 +92,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "the worker process's VmHWM during training + evaluation (the model and data included); on a GPU, in brackets, "
         "torch's peak allocated device memory.\n\n"
     )
+    glance = glance_markdown(summary)
+    if glance:
+        out.write("## Results at a glance\n\n" + "\n".join(glance) + "\n")
     if settings:
         out.write("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".\n\n")
     for scenario in summary["scenarios"]:
@@ -167,7 +171,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
         for note in notes:
             out.write(f"\n- {note}")
         out.write("\n\n")
-    out.write("## Targets (issue 4)\n\n```\n" + "\n".join(summary["targets"]) + "\n```\n\n")
+    out.write("## Targets\n\n```\n" + "\n".join(summary["targets"]) + "\n```\n\n")
     out.write("Methods:\n\n" + "".join(f"- `{m}`: {spec.description}\n" for m, spec in METHODS.items()))
     return out.getvalue()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.federated_bench.glance import glance_markdown
 from benchmarks.federated_bench.report import paired_targets
 from benchmarks.federated_bench.statistics import (
     PAIRED_SCORES,
@@ -120,3 +121,37 @@ def test_protocol_v2_targets_pass_only_on_a_lead_over_the_best_personalised_base
     bare = {**scenario, "methods": {"c2a": row(0.9)}, "paired_vs_c2a": {}}
     assert [line.split(":")[0] for line in paired_targets(bare)] == ["MISSING", "MISSING"]
     assert paired_targets({**scenario, "methods": {}}) == []
+
+
+def test_the_glance_table_puts_each_methods_paired_difference_beside_its_mean():
+    def row(mean, seeds=(0, 1, 2), sent=100.0):
+        stat = {"mean": mean}
+        return {
+            "seeds": list(seeds),
+            "personalized_mean_accuracy": stat,
+            "personalized_p10_accuracy": {"mean": None},
+            "global_accuracy": stat,
+            "unseen_mean_accuracy": stat,
+            "bytes_up_per_client_per_round": {"mean": sent},
+        }
+
+    lead = paired_difference({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.7, 1: 0.75, 2: 0.6})
+    summary = {
+        "scenarios": [
+            {
+                "scenario": "label_skew",
+                "alpha": 0.1,
+                "methods": {"c2a": row(0.85), "lora": row(0.68, sent=1234.0), "head": row(None, seeds=())},
+                "paired_vs_c2a": {"lora": {"personalized_mean_accuracy": lead}},
+            },
+            {"scenario": "language_skew", "alpha": 0.5, "methods": {"lora": row(0.5, seeds=())}},
+        ]
+    }
+    lines = glance_markdown(summary)
+    assert lines[0].startswith("**label_skew, alpha = 0.1**")
+    table = [line for line in lines if line.startswith("| c2a") or line.startswith("| lora")]
+    assert table[0] == "| c2a | 3 | 0.850 | – | 0.850 | 0.850 | 100 |"
+    low, high = lead["interval"]
+    assert table[1] == f"| lora | 3 | 0.680 (+0.167 [{low:+.3f}, {high:+.3f}] lead) | – | 0.680 | 0.680 | 1,234 |"
+    # a method without final runs has no row, a scenario without any has no table
+    assert not any(line.startswith("| head") for line in lines) and "language_skew" not in "".join(lines)
