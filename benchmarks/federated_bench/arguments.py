@@ -61,7 +61,7 @@ PROTOCOL_V2: dict[str, Any] = dict(
     selection_tie_margin=0.0,
     round_lr_scheduler="cosine",
     test_examples_per_client=20,
-    # every method in bf16 mixed precision: 1.7-2.6x faster steps on this VM's CPU (docs/benchmarks.md), the
+    # every method in bf16 mixed precision: 1.7-1.9x faster steps on this VM's CPU (docs/benchmarks.md), the
     # precision a GPU shard runs in too
     precision="bf16",
     num_rounds=PLATEAU_ROUNDS,

@@ -11,13 +11,14 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from .protocol import fmt_number
+from .statistics import LEVEL
 
-# (row key, paired score, column title)
+# (score: a row key of report.py and a paired score of statistics.py, column title)
 GLANCE_SCORES = (
-    ("personalized_mean_accuracy", "personalized_mean_accuracy", "personalised mean"),
-    ("personalized_p10_accuracy", "personalized_p10_accuracy", "10th-percentile client"),
-    ("global_accuracy", "global_accuracy", "global"),
-    ("unseen_mean_accuracy", "unseen_mean_accuracy", "unseen clients"),
+    ("personalized_mean_accuracy", "personalised mean"),
+    ("personalized_p10_accuracy", "10th-percentile client"),
+    ("global_accuracy", "global"),
+    ("unseen_mean_accuracy", "unseen clients"),
 )
 
 
@@ -31,15 +32,15 @@ def glance_markdown(summary: Mapping[str, Any], reference: str = "c2a") -> list[
         paired = scenario.get("paired_vs_c2a", {})
         lines += [
             f"**{scenario['scenario']}, alpha = {fmt_number(scenario['alpha'])}** (mean over final seeds; in brackets "
-            f"{reference} minus the method, paired by seed, with its 95% bootstrap interval)",
+            f"{reference} minus the method, paired by seed, with its {LEVEL:.0%} bootstrap interval)",
             "",
-            "| method | seeds | " + " | ".join(title for _, _, title in GLANCE_SCORES) + " | bytes up/client/round |",
+            "| method | seeds | " + " | ".join(title for _, title in GLANCE_SCORES) + " | bytes up/client/round |",
             "|---|---|" + "---|" * (len(GLANCE_SCORES) + 1),
         ]
         for method, row in rows.items():
             cells = [
-                _cell(row[key]["mean"], None if method == reference else paired.get(method, {}).get(score))
-                for key, score, _ in GLANCE_SCORES
+                _cell(row[score]["mean"], None if method == reference else paired.get(method, {}).get(score))
+                for score, _ in GLANCE_SCORES
             ]
             sent = row["bytes_up_per_client_per_round"]["mean"]
             cells.append("–" if not sent else f"{sent:,.0f}")

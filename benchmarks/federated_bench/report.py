@@ -252,8 +252,8 @@ def check_targets(summary: Mapping[str, Any]) -> list[str]:
 def paired_targets(scenario: Mapping[str, Any]) -> list[str]:
     """Protocol v2's targets, from the paired intervals against C2A: a lead over the best personalised baseline (by
     its test mean, the choice that favours the baselines) on the personalised mean, and over FedAvg-LoRA on global
-    accuracy. PASS only where the interval excludes zero above; FAIL names what it is instead (level, a loss, too few
-    seeds); MISSING where a side has no final runs."""
+    accuracy. PASS only where the interval excludes zero above; FAIL names what it is instead (no claim, a loss, too
+    few seeds); MISSING where a side has no final runs."""
     rows, paired = scenario["methods"], scenario.get("paired_vs_c2a", {})
     name = f"{scenario['scenario']} alpha={fmt_number(scenario['alpha'])}"
     if "c2a" not in rows:

@@ -42,6 +42,7 @@ def training_arguments(spec: RunSpec, output_dir: str, local_steps: Optional[int
 
     settings, method = spec.settings, METHODS[spec.method]
     local_steps = int(settings["local_steps"]) if local_steps is None else local_steps
+    bf16 = setting(settings, "precision") == "bf16"
     if method.federation_mode == "centralized":
         # one pooled client per round: give it the examples a federated round processes, not 1/clients_per_round
         local_steps *= settings["clients_per_round"]
@@ -68,10 +69,9 @@ def training_arguments(spec: RunSpec, output_dir: str, local_steps: Optional[int
         logging_strategy="no",
         disable_tqdm=True,
         round_lr_scheduler=setting(settings, "round_lr_scheduler"),
-        # mixed precision: bf16 autocast around every forward (fp32 master weights and optimizer state); the Trainer
-        # takes bf16 on a CPU only when told it is on one
-        bf16=setting(settings, "precision") == "bf16",
-        use_cpu=not torch.cuda.is_available(),
+        # mixed precision: bf16 autocast around every forward (fp32 master weights and optimizer state)
+        bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),  # the Trainer takes bf16 on a CPU only when told it is on one
     )
     # what defines the method (FedProx's mu of a variant, FedAvg-FT's steps, ...) overrides the shared settings
     return FederatedTrainingArguments(**{**values, **dict(method.trainer_options)})

@@ -396,13 +396,13 @@ def test_parallel_runs_wait_for_their_selection_and_respect_jobs(bench, tmp_path
     assert bench.execute(bench.parse_args(argv + ["--no_report"])) == 2 + 1  # 2 select runs fail, the final is blocked
 
 
-@pytest.mark.slow
 def test_only_federated_c2a_runs_outside_selection_log_diagnostics(proto, worker):
     assert worker.logs_diagnostics(proto.RunSpec("label_skew", 0.1, "c2a_no_logit", "final", 3e-3, 0, {}))
     for method, phase in (("c2a", "select"), ("lora", "final"), ("local", "final")):
         assert not worker.logs_diagnostics(proto.RunSpec("label_skew", 0.1, method, phase, 3e-3, 0, {}))
 
 
+@pytest.mark.slow
 def test_quick_preset_end_to_end_and_resume(bench, tmp_path, monkeypatch, restore_threads):
     out = tmp_path / "bench"
     assert bench.main(["--quick", "--output_dir", str(out), "--no_report"]) == 0

@@ -45,15 +45,15 @@ def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
 
 
 def test_paired_difference_pairs_common_seeds_and_claims_only_outside_zero():
-    lead = paired_difference({0: 0.9, 1: 0.8, 2: 0.85, 3: 0.7}, {0: 0.7, 1: 0.75, 2: 0.6})
-    assert lead["seeds"] == [0, 1, 2] and lead["per_seed"] == pytest.approx([0.2, 0.05, 0.25])
-    assert lead["mean"] == pytest.approx(0.5 / 3) and lead["verdict"] == "lead"
-    mixed = paired_difference({0: 0.9, 1: 0.5, 2: 0.7}, {0: 0.7, 1: 0.6, 2: 0.7})
+    lead = paired_difference({0: 0.9, 1: 0.8, 2: 0.85, 3: 0.7, 4: 0.9}, {0: 0.7, 1: 0.75, 2: 0.6, 3: 0.6})
+    assert lead["seeds"] == [0, 1, 2, 3] and lead["per_seed"] == pytest.approx([0.2, 0.05, 0.25, 0.1])
+    assert lead["mean"] == pytest.approx(0.15) and lead["verdict"] == "lead"
+    mixed = paired_difference({0: 0.9, 1: 0.5, 2: 0.7, 3: 0.6}, {0: 0.7, 1: 0.6, 2: 0.7, 3: 0.6})
     assert mixed["verdict"] == "no claim" and mixed["interval"][0] < 0 < mixed["interval"][1]
-    assert paired_difference({0: 0.1, 1: 0.2, 2: 0.3}, {0: 0.3, 1: 0.5, 2: 0.4})["verdict"] == "loss"
+    assert paired_difference(dict.fromkeys(range(4), 0.1), {0: 0.3, 1: 0.5, 2: 0.4, 3: 0.2})["verdict"] == "loss"
     assert paired_difference({0: 0.1}, {1: 0.2}) is None
-    # one or two paired seeds: the difference is reported, but no interval and no claim, however large it is
-    for seeds in ([0], [0, 1]):
+    # one to three paired seeds: the difference is reported, but no interval and no claim, however large it is
+    for seeds in ([0], [0, 1], [0, 1, 2]):
         few = paired_difference({s: 0.9 for s in seeds}, {s: 0.1 for s in seeds})
         assert few["mean"] == pytest.approx(0.8) and few["interval"] is None and few["verdict"] == "too few seeds"
 
@@ -71,22 +71,22 @@ def test_per_seed_scores_and_the_10th_percentile_client():
 
 
 def test_paired_against_and_its_table():
-    c2a = [run(0, 0.9, {"a": 0.9}, [0.9]), run(1, 0.8, {"a": 0.8}, [0.8]), run(2, 0.7, {"a": 0.7}, [0.7])]
-    lora = [run(0, 0.7, {"a": 0.5}, [0.7]), run(1, 0.6, {"a": 0.4}, [0.6]), run(2, 0.5, {"a": 0.3}, [0.5])]
+    c2a = [run(seed, 0.9 - 0.1 * seed, {"a": 0.9 - 0.1 * seed}, [0.9 - 0.1 * seed]) for seed in range(4)]
+    lora = [run(seed, 0.7 - 0.1 * seed, {"a": 0.5 - 0.1 * seed}, [0.7 - 0.1 * seed]) for seed in range(4)]
     rows = {
         "c2a": {"per_seed": per_seed_scores(c2a, 5)},
         "lora": {"per_seed": per_seed_scores(lora, 5)},
-        "lora_two_seeds": {"per_seed": per_seed_scores(lora[:2], 5)},
+        "lora_three_seeds": {"per_seed": per_seed_scores(lora[:3], 5)},
         "local": {"per_seed": per_seed_scores([], 5)},
     }
     paired = paired_against(rows)
-    assert set(paired) == {"lora", "lora_two_seeds", "local"}
+    assert set(paired) == {"lora", "lora_three_seeds", "local"}
     assert paired["lora"]["personalized_mean_accuracy"]["mean"] == pytest.approx(0.2)
     assert paired["lora"]["personalized_mean_accuracy"]["verdict"] == "lead"
     assert paired["local"]["global_accuracy"] is None
     table = paired_markdown(paired)
-    assert any(line.startswith("| lora | 0,1,2 | +0.200 [+0.200, +0.200] lead") for line in table)
-    assert any(line.startswith("| lora_two_seeds | 0,1 | +0.200 (too few seeds) |") for line in table)
+    assert any(line.startswith("| lora | 0,1,2,3 | +0.200 [+0.200, +0.200] lead") for line in table)
+    assert any(line.startswith("| lora_three_seeds | 0,1,2 | +0.200 (too few seeds) |") for line in table)
     assert any(line.startswith("| local | – | – |") for line in table)
     assert paired_against({"lora": rows["lora"]}) == {} and paired_markdown({}) == []
 
@@ -95,7 +95,7 @@ def test_protocol_v2_targets_pass_only_on_a_lead_over_the_best_personalised_base
     def row(mean):
         return {"personalized_mean_accuracy": {"mean": mean}}
 
-    seeds = (0, 1, 2)
+    seeds = (0, 1, 2, 3)
     c2a = {"personalized_mean_accuracy": dict.fromkeys(seeds, 0.90), "global_accuracy": dict.fromkeys(seeds, 0.80)}
     rows = {"c2a": row(0.90), "prior_only": row(0.70), "lora_ft": row(0.88), "lora": row(0.60)}
     scenario = {
@@ -105,16 +105,16 @@ def test_protocol_v2_targets_pass_only_on_a_lead_over_the_best_personalised_base
         "paired_vs_c2a": {
             # lora_ft, the best personalised baseline by its mean, is level with C2A; prior-only is far behind
             "lora_ft": {"personalized_mean_accuracy": paired_difference(c2a["personalized_mean_accuracy"],
-                                                                        {0: 0.95, 1: 0.85, 2: 0.84})},
+                                                                        {0: 0.95, 1: 0.85, 2: 0.84, 3: 0.92})},
             "prior_only": {"personalized_mean_accuracy": paired_difference(c2a["personalized_mean_accuracy"],
                                                                            dict.fromkeys(seeds, 0.70))},
-            "lora": {"global_accuracy": paired_difference(c2a["global_accuracy"], {0: 0.70, 1: 0.75, 2: 0.72})},
+            "lora": {"global_accuracy": paired_difference(c2a["global_accuracy"], {0: 0.7, 1: 0.75, 2: 0.72, 3: 0.7})},
         },
     }  # fmt: skip
     personal, global_ = paired_targets(scenario)
     assert personal.startswith("FAIL: label_skew alpha=0.1: C2A minus lora_ft, personalised mean: +0.0")
     assert "(no claim; a pass needs a lead)" in personal and "MISSING lora_prior, local" in personal
-    assert global_.startswith("PASS: label_skew alpha=0.1: C2A minus lora, global accuracy: +0.0767 [")
+    assert global_.startswith("PASS: label_skew alpha=0.1: C2A minus lora, global accuracy: +0.0825 [")
     # with two seeds there is no interval, so nothing passes; without the baselines' runs the lines say MISSING
     scenario["paired_vs_c2a"]["lora"]["global_accuracy"] = paired_difference({0: 0.9, 1: 0.9}, {0: 0.1, 1: 0.1})
     assert paired_targets(scenario)[1].startswith("FAIL") and "(too few seeds;" in paired_targets(scenario)[1]
@@ -135,7 +135,7 @@ def test_the_glance_table_puts_each_methods_paired_difference_beside_its_mean():
             "bytes_up_per_client_per_round": {"mean": sent},
         }
 
-    lead = paired_difference({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.7, 1: 0.75, 2: 0.6})
+    lead = paired_difference({0: 0.9, 1: 0.8, 2: 0.85, 3: 0.9}, {0: 0.7, 1: 0.75, 2: 0.6, 3: 0.62})
     summary = {
         "scenarios": [
             {
@@ -152,6 +152,6 @@ def test_the_glance_table_puts_each_methods_paired_difference_beside_its_mean():
     table = [line for line in lines if line.startswith("| c2a") or line.startswith("| lora")]
     assert table[0] == "| c2a | 3 | 0.850 | – | 0.850 | 0.850 | 100 |"
     low, high = lead["interval"]
-    assert table[1] == f"| lora | 3 | 0.680 (+0.167 [{low:+.3f}, {high:+.3f}] lead) | – | 0.680 | 0.680 | 1,234 |"
+    assert table[1] == f"| lora | 3 | 0.680 (+0.195 [{low:+.3f}, {high:+.3f}] lead) | – | 0.680 | 0.680 | 1,234 |"
     # a method without final runs has no row, a scenario without any has no table
     assert not any(line.startswith("| head") for line in lines) and "language_skew" not in "".join(lines)

@@ -218,12 +218,26 @@ def test_callback_states_go_to_callbacks_of_their_class_in_order_and_the_rest_is
     first.early_stopping_patience_counter, second.early_stopping_patience_counter = 1, 2
     stored = export_callback_states([Recorder(), first, second])
     assert list(stored) == ["EarlyStoppingCallback"]  # only ExportableState callbacks have a state
-    fresh = [EarlyStoppingCallback(5)]
+    fresh = [EarlyStoppingCallback(5), Recorder(), EarlyStoppingCallback(6)]
+    restore_callback_states(fresh, stored)
+    # the k-th stored state goes to the k-th callback of its class; the callbacks' own arguments are kept
+    assert [(cb.early_stopping_patience_counter, cb.early_stopping_patience) for cb in fresh[::2]] == [(1, 5), (2, 6)]
+    one = [EarlyStoppingCallback(5)]
     with caplog.at_level(logging.WARNING, logger="peft_c2a.federated.callback_states"):
-        restore_callback_states(fresh, {**stored, "MissingCallback": [{"attributes": {"x": 1}}]})
-    # the first stored state goes to the one callback of its class; its constructor arguments are kept
-    assert (fresh[0].early_stopping_patience_counter, fresh[0].early_stopping_patience) == (1, 5)
+        restore_callback_states(one, {**stored, "MissingCallback": [{"attributes": {"x": 1}}]})
+    assert one[0].early_stopping_patience_counter == 1
     assert "EarlyStoppingCallback (1 of 2)" in caplog.text and "MissingCallback (1 of 1)" in caplog.text
+
+
+def test_a_callback_state_json_cannot_hold_is_left_out_of_the_checkpoint(caplog):
+    class TensorCounter(EarlyStoppingCallback):
+        def state(self):
+            return {"args": {}, "attributes": {"early_stopping_patience_counter": torch.tensor(1)}}
+
+    plain = EarlyStoppingCallback(3)
+    with caplog.at_level(logging.WARNING, logger="peft_c2a.federated.callback_states"):
+        stored = export_callback_states([TensorCounter(3), plain])
+    assert list(stored) == ["EarlyStoppingCallback"] and "Not checkpointing the state of TensorCounter" in caplog.text
 
 
 def test_a_missing_metric_for_best_model_names_the_available_ones(tmp_path):

@@ -125,8 +125,8 @@ class FederatedTrainingArguments(TrainingArguments):
         robust_aggregation (`str`, defaults to `"none"`):
             `"median"` (coordinate-wise median) or `"trimmed_mean"` (coordinate-wise mean without the `trim_fraction`
             largest and smallest values) of the usable updates instead of their weighted mean; both ignore the
-            example counts and bound what a minority of poisoned updates can do. Across
-            processes every update is gathered.
+            example counts and bound what a minority of poisoned updates can do. Under several processes every
+            update is gathered (not only their sum).
         trim_fraction (`float`, defaults to 0.2):
             Share of updates dropped at each end per coordinate by `"trimmed_mean"`, in `[0, 0.5)`.
         round_lr_scheduler (`str`, defaults to `"constant"`):

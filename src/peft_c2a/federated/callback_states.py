@@ -12,6 +12,7 @@ a longer patience keeps its counter and uses the new patience, instead of silent
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -22,11 +23,20 @@ logger = logging.getLogger(__name__)
 
 
 def export_callback_states(callbacks: Iterable[Any]) -> dict[str, list[dict[str, Any]]]:
-    """`{class name: [state(), ...]}` of the `ExportableState` callbacks, in their order (a class may occur twice)."""
+    """`{class name: [state(), ...]}` of the `ExportableState` callbacks, in their order (a class may occur twice).
+
+    A state that JSON cannot hold (a tensor, a path) is left out with a warning rather than failing the checkpoint
+    it would be written into; that callback then counts afresh after a resume."""
     states: dict[str, list[dict[str, Any]]] = {}
     for callback in callbacks:
         if isinstance(callback, ExportableState):
-            states.setdefault(type(callback).__name__, []).append(callback.state())
+            state = callback.state()
+            try:
+                json.dumps(state, allow_nan=False)
+            except (TypeError, ValueError) as error:
+                logger.warning("Not checkpointing the state of %s: %s.", type(callback).__name__, error)
+                continue
+            states.setdefault(type(callback).__name__, []).append(state)
     return states
 
 

@@ -8,10 +8,9 @@ then evaluate, log and checkpoint.
 
 Design choices worth knowing:
 - *Clients, not batches, are distributed.* Under `accelerate launch` or `torchrun` every process trains its share
-  of the round's clients on its own (the model is never wrapped in DDP); the example-weighted sums of their
-  updates are all-reduced once per round (a robust aggregation gathers the updates themselves). Each client's local
-  training is seeded from `(seed, round, client)`, so the result is the same with any number of processes and after
-  resuming.
+  of the round's clients on its own (no DDP); their updates' weighted sums are all-reduced once per round (robust
+  aggregations gather the updates). Local training is seeded from `(seed, round, client)`, so the result is the same
+  with any number of processes and after resuming.
 - *The trainable state is what communicates.* Whatever `requires_grad` -- a C2A hypernetwork, bottleneck or LoRA
   weights, a classifier head, prompt embeddings -- is sent down, trained, and sent back. Any PEFT model (or a plain
   model with some parameters frozen) works; only C2A models get client descriptors.
@@ -319,8 +318,8 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
             reports = gather_object(reports)
             accumulator.weighted_sum = self.accelerator.reduce(accumulator.weighted_sum.to(args.device), "sum").cpu()
             accumulator.total_weight = sum(weights[r.client] for r in reports if r.ok and not local_mode)
-            if accumulator.updates is not None:  # a robust aggregation sorts every update, so the order is moot
-                accumulator.updates = [update for part in gather_object([accumulator.updates]) for update in part]
+            if accumulator.updates is not None:  # robust aggregations sort all updates: their order is moot
+                accumulator.updates = [u for part in gather_object([accumulator.updates]) for u in part]
             if local_mode:
                 for part in gather_object([new_client_states]):
                     self.client_states.update(part)
