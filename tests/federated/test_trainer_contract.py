@@ -4,6 +4,7 @@ activation checkpointing is honoured, and loop fields a federation ignores are r
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -229,15 +230,28 @@ def test_callback_states_go_to_callbacks_of_their_class_in_order_and_the_rest_is
     assert "EarlyStoppingCallback (1 of 2)" in caplog.text and "MissingCallback (1 of 1)" in caplog.text
 
 
-def test_a_callback_state_json_cannot_hold_is_left_out_of_the_checkpoint(caplog):
+def test_a_callback_state_json_cannot_hold_is_left_out_of_the_checkpoint_and_keeps_its_place(caplog):
     class TensorCounter(EarlyStoppingCallback):
-        def state(self):
-            return {"args": {}, "attributes": {"early_stopping_patience_counter": torch.tensor(1)}}
+        """Holds its counter as a tensor (JSON cannot) when `as_tensor`, else as an int."""
 
-    plain = EarlyStoppingCallback(3)
+        def __init__(self, counter, as_tensor):
+            super().__init__(early_stopping_patience=3)
+            self.early_stopping_patience_counter, self.as_tensor = counter, as_tensor
+
+        def state(self):
+            state = super().state()
+            if self.as_tensor:
+                state["attributes"]["early_stopping_patience_counter"] = torch.tensor(1)
+            return state
+
     with caplog.at_level(logging.WARNING, logger="peft_c2a.federated.callback_states"):
-        stored = export_callback_states([TensorCounter(3), plain])
-    assert list(stored) == ["EarlyStoppingCallback"] and "Not checkpointing the state of TensorCounter" in caplog.text
+        stored = export_callback_states([TensorCounter(1, True), TensorCounter(2, False)])
+    assert "Not checkpointing the state of TensorCounter" in caplog.text
+    json.dumps(stored)
+    # a placeholder keeps the positions: the second callback gets its own state back, not the first one's slot
+    fresh = [TensorCounter(0, False), TensorCounter(0, False)]
+    restore_callback_states(fresh, stored)
+    assert [cb.early_stopping_patience_counter for cb in fresh] == [0, 2]
 
 
 def test_a_missing_metric_for_best_model_names_the_available_ones(tmp_path):

@@ -22,12 +22,13 @@ from transformers.trainer_callback import ExportableState
 logger = logging.getLogger(__name__)
 
 
-def export_callback_states(callbacks: Iterable[Any]) -> dict[str, list[dict[str, Any]]]:
+def export_callback_states(callbacks: Iterable[Any]) -> dict[str, list[dict[str, Any] | None]]:
     """`{class name: [state(), ...]}` of the `ExportableState` callbacks, in their order (a class may occur twice).
 
-    A state that JSON cannot hold (a tensor, a path) is left out with a warning rather than failing the checkpoint
-    it would be written into; that callback then counts afresh after a resume."""
-    states: dict[str, list[dict[str, Any]]] = {}
+    A state that JSON cannot hold (a tensor, a path) is stored as `None` with a warning rather than failing the
+    checkpoint it would be written into; that callback then counts afresh after a resume. The placeholder keeps the
+    positions: the next callback of the same class still gets its own state back, not its predecessor's slot."""
+    states: dict[str, list[dict[str, Any] | None]] = {}
     for callback in callbacks:
         if isinstance(callback, ExportableState):
             state = callback.state()
@@ -35,14 +36,15 @@ def export_callback_states(callbacks: Iterable[Any]) -> dict[str, list[dict[str,
                 json.dumps(state, allow_nan=False)
             except (TypeError, ValueError) as error:
                 logger.warning("Not checkpointing the state of %s: %s.", type(callback).__name__, error)
-                continue
+                state = None
             states.setdefault(type(callback).__name__, []).append(state)
     return states
 
 
-def restore_callback_states(callbacks: Sequence[Any], stored: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+def restore_callback_states(callbacks: Sequence[Any], stored: Mapping[str, Sequence[Mapping[str, Any] | None]]) -> None:
     """Set the stored attributes on the matching callbacks: the k-th stored state of a class goes to the k-th
-    `ExportableState` callback of that class. Stored states without a callback are reported and left out."""
+    `ExportableState` callback of that class (a `None` state, one JSON could not hold, leaves its callback fresh).
+    Stored states without a callback are reported and left out."""
     left_out = []
     for name, states in stored.items():
         holders = [cb for cb in callbacks if isinstance(cb, ExportableState) and type(cb).__name__ == name]
@@ -50,7 +52,7 @@ def restore_callback_states(callbacks: Sequence[Any], stored: Mapping[str, Seque
             left_out.append(f"{name} ({len(states) - len(holders)} of {len(states)})")
         # a callback added since the checkpoint (more holders than states) keeps its fresh state
         for callback, state in zip(holders, states, strict=False):
-            for attribute, value in state.get("attributes", {}).items():
+            for attribute, value in (state or {}).get("attributes", {}).items():
                 setattr(callback, attribute, value)
     if left_out:
         logger.warning("The checkpoint holds states of callbacks this trainer does not have: %s.", ", ".join(left_out))
