@@ -134,7 +134,6 @@ class SpyTrainer(FederatedTrainer):
 def test_c2a_federation_learns(tmp_path):
     clients, eval_clients = skewed_clients()
     trainer = build(tmp_path, clients, eval_clients, num_rounds=8, learning_rate=2e-2, local_max_steps=3)
-    trainer.global_state = trainer.get_trainable_state()
     untrained = trainer.evaluate_federation()
     output = trainer.train()
 
@@ -149,6 +148,10 @@ def test_c2a_federation_learns(tmp_path):
     assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
     assert output.global_step == 8
     assert output.training_loss == pytest.approx(float(np.mean(losses)))
+    # as the Trainer's: the metrics' train_loss is the run's, the last round's has its own key
+    assert (
+        output.metrics["train_loss"] == output.training_loss and output.metrics["last_round_train_loss"] == losses[-1]
+    )
 
 
 # ---- FedAvg maths and the local-only baseline -----------------------------------------------------------------------

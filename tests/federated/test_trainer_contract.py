@@ -18,7 +18,7 @@ from peft_c2a.federated.callback_states import export_callback_states, restore_c
 from peft_c2a.federated.checkpoint import TRAINABLE_STATE_FILE, list_checkpoints
 
 from ..federated_utils import fed_args, tiny_model
-from .test_federated_trainer import assert_states_close, build, make_clients
+from .test_federated_trainer import assert_states_close, build, evaluate_by_hand, make_clients, own_descriptor
 
 
 class Recorder(TrainerCallback):
@@ -324,3 +324,23 @@ def test_ignored_loop_fields_are_reported_once(tmp_path, caplog):
     assert len(caplog.records) == 1
     text = caplog.records[0].getMessage()
     assert "`num_train_epochs`" in text and "`max_steps`" in text and "`eval_on_start`" in text
+
+
+@pytest.mark.parametrize("method", ["c2a", "lora"])
+def test_evaluate_before_train_scores_the_starting_model_and_leaves_the_run_unchanged(tmp_path, method):
+    clients, evals = make_clients({"client-a": 6, "client-b": 8}, eval_size=4)
+    uninterrupted = build(tmp_path / "plain", clients, evals, method=method, num_rounds=2)
+    uninterrupted.train()
+    trainer = build(tmp_path / "first", clients, evals, method=method, num_rounds=2)
+    # what `eval_on_start` would give: the warning on that field points here
+    before = trainer.evaluate()
+    # the same seed, so the same starting weights; a client's descriptor is its training label mix
+    model = tiny_model(method)
+    by_hand = [
+        evaluate_by_hand(model, evals[name], own_descriptor(clients[name]) if method == "c2a" else None)
+        for name in evals
+    ]
+    assert before["eval_personalized_mean_loss"] == pytest.approx(sum(r["loss"] for r in by_hand) / 2, abs=1e-5)
+    trainer.train()
+    assert_states_close(trainer.global_state, uninterrupted.global_state)
+    assert trainer.history[-1]["eval_personalized_mean_loss"] != pytest.approx(before["eval_personalized_mean_loss"])

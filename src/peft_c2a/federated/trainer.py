@@ -147,8 +147,11 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
         self.clients: dict[str, ClientData] = build_clients(
             client_datasets, client_eval_datasets, self.descriptor_spec, self.num_labels
         )
-        # the server side of the federation: roster, global state, server optimizer, history, checkpoints
-        self.server = FederationServer(args, {}, is_writer=self.is_world_process_zero())
+        # C2A's client-id embedding: each federated client keeps its own copy (`client_state`)
+        self.private_keys = private_parameter_names(model) if args.federation_mode == "federated" else frozenset()
+        # the server side of the federation: roster, global state, server optimizer, history, checkpoints. It starts
+        # from the model as given, so `evaluate()` before `train()` scores the starting point (`eval_on_start`)
+        self.server = FederationServer(args, self._shared_state(), is_writer=self.is_world_process_zero())
         self.server.set_roster(self.clients, list(unseen_clients or []), where="missing from `client_datasets`")
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and args.world_size == 1:
@@ -165,8 +168,6 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
         # datasets with the model's unused columns removed, made once per dataset instead of every round
         self._prepared: dict[tuple[str, bool], tuple[Any, Any]] = {}
         self.client_states: dict[str, TensorDict] = {}
-        # C2A's client-id embedding: each federated client keeps its own copy (`client_state`)
-        self.private_keys = private_parameter_names(model) if args.federation_mode == "federated" else frozenset()
         self._initial_private_state: TensorDict = {
             name: param.detach().to("cpu", copy=True)
             for name, param in model.named_parameters()
@@ -187,6 +188,10 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
     def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy `state` into the model's trainable parameters (names and shapes must match exactly)."""
         load_trainable_state(self.model, state)
+
+    def _shared_state(self) -> TensorDict:
+        """The model's trainable state less the client-private tensors: what the server holds and averages."""
+        return {k: v for k, v in self.get_trainable_state().items() if k not in self.private_keys}
 
     def client_state(self, name: Optional[str], shared_state: Mapping[str, torch.Tensor]) -> TensorDict:
         """The whole trainable state client `name` runs with: `shared_state` plus the client's private tensors.
@@ -218,7 +223,8 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
             ignore_keys_for_eval: output keys to ignore when gathering predictions.
 
         Returns:
-            `TrainOutput(global_step=rounds done, training_loss=mean local loss, metrics=last round's scalars)`.
+            `TrainOutput(global_step=rounds done, training_loss=mean local loss, metrics=last round's scalars)`, with
+            `metrics["train_loss"] == training_loss` as in the `Trainer` (the last round's: `last_round_train_loss`).
         """
         if kwargs:
             raise TypeError(f"Unexpected arguments: {sorted(kwargs)}.")
@@ -227,7 +233,7 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
         if args.federation_mode != "centralized":
             self.server.check_sampling()
         start_time = time.time()
-        self.server.reset({k: v for k, v in self.get_trainable_state().items() if k not in self.private_keys})
+        self.server.reset(self._shared_state())
         self.server.engine_identity = self._run_fingerprint()
         self.client_states = {}
         self.client_private_states = {}
@@ -272,9 +278,15 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
             self._load_best_round(Path(self.state.best_model_checkpoint))
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         losses = [record["train_loss"] for record in self.history if math.isfinite(record.get("train_loss", math.nan))]
+        training_loss = float(np.mean(losses)) if losses else math.nan
         metrics = scalar_items(self.history[-1]) if self.history else {}
+        # as the Trainer's: `train_loss` is the run's loss (what `log_metrics("train", ...)` reports); the last
+        # round's own stays readable under `last_round_train_loss`
+        if "train_loss" in metrics:
+            metrics["last_round_train_loss"] = metrics["train_loss"]
+        metrics["train_loss"] = training_loss
         metrics["train_runtime"] = time.time() - start_time
-        return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else math.nan, metrics)
+        return TrainOutput(self.state.global_step, training_loss, metrics)
 
     def _run_fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must also match to continue this run: the local training settings, the adapter's
