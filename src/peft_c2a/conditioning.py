@@ -226,7 +226,12 @@ class C2AConditioning:
 
     def _descriptor_state(self, descriptor: Mapping[str, Any], training: bool) -> dict[str, Any]:
         """Validate the descriptor of one forward; each active adapter's descriptor embedding, generators and logit
-        offsets."""
+        offsets.
+
+        With the adapters disabled (`disable_adapter()`) the forward is the base model's, which needs no descriptor:
+        the descriptor is ignored and nothing is checked, so a reference pass in train mode (as TRL makes) works."""
+        if not self.adapters_enabled:
+            return {"descriptor_embeddings": {}, "generators": {}, "logit_offsets": None}
         label = descriptor.get("label_distribution", _MISSING)
         if label is _MISSING or label is None:
             label = self.default_descriptor.get("label_distribution")
@@ -256,7 +261,7 @@ class C2AConditioning:
                     probs = torch.full((1, hyper.num_labels), 1.0 / hyper.num_labels)
                 else:
                     probs = normalize_label_distribution(label, hyper.num_labels)
-                    if hyper.logit_adjustment > 0 and self.adapters_enabled:
+                    if hyper.logit_adjustment > 0:
                         offsets = logit_adjustment(probs, hyper.logit_adjustment, hyper.logit_adjustment_eps)
                         offsets = offsets.to(hyper.layer_embedding.device)
                         logit_offsets = offsets if logit_offsets is None else logit_offsets + offsets

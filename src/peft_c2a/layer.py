@@ -173,6 +173,15 @@ class C2ALayer(_BottleneckLayerBase):
         embedding `e` of each example (or position) and the generators narrowed to this site's widths."""
         state = self._c2a_conditioning.state
         hyper = self._c2a_hypernets[adapter_name]
+        shared = state.generators.get(adapter_name)
+        if shared is not None and shared[0].requires_grad and not torch.is_grad_enabled():
+            # made with gradients by the top-level forward, used without: a reentrant checkpoint's forward
+            raise ValueError(
+                "C2A adapters do not support reentrant activation checkpointing (`use_reentrant=True`): every layer's "
+                "adapter is generated from tensors made once per forward, which a reentrant checkpoint would "
+                "backpropagate through once per layer. Pass `gradient_checkpointing_kwargs={'use_reentrant': False}` "
+                "(the transformers default)."
+            )
         layer_id, site = self.c2a_layer_id[adapter_name], self.c2a_site[adapter_name]
         dtype = hyper.down_factor.dtype
         flat_shape = source.shape if source.dim() == 2 else None

@@ -215,7 +215,11 @@ class C2AModel(_BottleneckTunerBase):
             output_size=max(out_features(module) for _, module in targets),
             num_layers=1 + max(site.layer_id for site in plan.values()),
             num_site_kinds=1 + max(site.kind for site in plan.values()) if lora else NUM_SITE_KINDS,
-        ).to(next((p.device for p in model.parameters()), torch.device("cpu")))
+        )
+        # under PEFT's `low_cpu_mem_usage=True` it is built on the meta device and the adapter's weights are assigned
+        # to it when they load; a meta tensor cannot be copied anywhere
+        if not any(param.is_meta for param in hypernetwork.parameters()):
+            hypernetwork.to(next((p.device for p in model.parameters()), torch.device("cpu")))
         if "c2a_hypernet" not in self._modules:
             self.c2a_hypernet = nn.ModuleDict()
             self.c2a_hypernet._register_load_state_dict_pre_hook(refuse_first_version_state)

@@ -404,6 +404,24 @@ def test_corrupt_manifest_is_rejected(run_dir):
     assert_rejected(make(run_dir), True, "checkpoint_manifest.json is corrupt")
 
 
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        '"a string"',
+        '{"format_version": 1, "sha256": ["x"]}',
+        '{"format_version": 1, "sha256": {"trainable_state.safetensors": 3}}',
+        '{"format_version": 1, "sha256": {"../round-1/trainable_state.safetensors": "00"}}',
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_a_corrupt_checkpoint_and_a_stale_copy_of_it_is_cleaned_up(run_dir, manifest):
+    (run_dir / "round-2" / MANIFEST).write_text(manifest)
+    with pytest.raises(CheckpointError, match="checkpoint_manifest.json is corrupt"):
+        read_checkpoint(run_dir / "round-2")
+    # a crashed run's leftover copy with such a manifest is removed on the next start, not a crash there
+    shutil.copytree(run_dir / "round-2", run_dir / ".round-3.tmp-1")
+    assert checkpoint_module.remove_stale_temporaries(run_dir) == [run_dir / ".round-3.tmp-1"]
+
+
 def test_garbage_json_is_rejected_even_with_a_matching_hash(run_dir):
     folder = run_dir / "round-2"
     (folder / "federation_state.json").write_text("{'round': 2,")

@@ -17,6 +17,7 @@ from peft_c2a.flower.protocol import (
     NodeDescription,
     decode_evaluate,
     decode_evaluate_reply,
+    decode_node_description,
     decode_query_reply,
     decode_train,
     decode_train_reply,
@@ -63,13 +64,31 @@ def test_impossible_evaluation_scores_are_refused():
             (UNIFORM_PASS, "b"): good,
             (OWN_PASS, "c"): {**good, "num_examples": -3.0},
             (OWN_PASS, "d"): {**good, "loss": float("nan")},
+            (OWN_PASS, "e"): {**good, "num_examples": float("inf")},
+            (UNIFORM_PASS, "e"): {**good, "num_examples": float("inf")},
+            (OWN_PASS, "f"): good,  # no uniform pass: it would count personalised but not global
+            (OWN_PASS, "g"): good,
+            (UNIFORM_PASS, "g"): {**good, "num_examples": 4000.0},  # would decide the pooled global score
             (OWN_PASS, "stranger"): good,
         },
         {},
     )
-    scores, failed = decode_evaluate_reply(reply, addressed=["a", "b", "c", "d"], node=9)
+    scores, failed = decode_evaluate_reply(reply, addressed=["a", "b", "c", "d", "e", "f", "g"], node=9)
     assert scores[OWN_PASS] == {"a": good} and scores[UNIFORM_PASS] == {"a": good}
-    assert sorted(failed) == ["b", "c", "d"] and "accuracy=5.0" in failed["b"]
+    assert sorted(failed) == ["b", "c", "d", "e", "f", "g"] and "accuracy=5.0" in failed["b"]
+    assert "num_examples=inf" in failed["e"] and "no uniform pass" in failed["f"]
+    assert "inconsistent scores from node 9: the passes count [4.0, 4000.0]" in failed["g"]
+    # a model without a descriptor runs the own pass only: one pass is complete
+    scores, failed = decode_evaluate_reply(reply, addressed=["a", "f"], node=9, passes=(OWN_PASS,))
+    assert scores[OWN_PASS] == {"a": good, "f": good} and failed == {}
+
+
+@pytest.mark.parametrize("field", ["num-examples", "seed"])
+def test_a_non_finite_number_in_a_client_description_is_a_malformed_description(field):
+    description = {"names": ["a"], "num-examples": [5], "evaluable": [True], "seed": 0}
+    description[field] = [float("inf")] if field == "num-examples" else float("inf")
+    with pytest.raises(ValueError, match="malformed client description"):
+        decode_node_description(description)
 
 
 def test_malformed_train_replies_are_the_nodes_failure():

@@ -83,6 +83,22 @@ def test_disabled_adapter_drops_the_logit_path(tiny_bert_pair, batch):
     assert torch.equal(got, logits(base, batch))
 
 
+def test_disabled_adapter_in_train_mode_is_the_base_model_and_needs_no_descriptor(tiny_bert_pair, batch):
+    """A reference pass (TRL's `with model.disable_adapter()`) runs in train mode without client inputs."""
+    model, base = tiny_bert_pair
+    peft_model = c2a(model, num_clients=3)
+    peft_model.train()
+    base.train()
+    with peft_model.disable_adapter():
+        torch.manual_seed(1)
+        got = peft_model(**batch).logits
+    torch.manual_seed(1)
+    assert torch.equal(got, base(**batch).logits)
+    # enabled again, training without a descriptor is refused as before
+    with pytest.raises(ValueError, match="without `label_distribution`"):
+        peft_model(**batch)
+
+
 def test_logit_path_survives_save_and_load(tiny_bert_pair, batch, tmp_path):
     model, twin = tiny_bert_pair
     peft_model = c2a(model, logit_adjustment=0.5, logit_adjustment_eps=0.05)

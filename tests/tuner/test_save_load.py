@@ -64,6 +64,10 @@ def test_from_pretrained_reproduces_logits_exactly(trained_c2a, batch, tmp_path)
     assert not any(p.requires_grad for p in loaded.parameters()), "loaded for inference by default"
     trainable = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     assert all(p.requires_grad for p in trainable.base_model.c2a_hypernet.parameters())
+    # PEFT's low_cpu_mem_usage builds the adapter on the meta device and assigns the loaded weights
+    low_memory = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    assert not any(t.is_meta for t in [*low_memory.parameters(), *low_memory.buffers()])
+    assert torch.equal(logits(low_memory, batch, **kwargs), expected)
 
 
 def test_auto_peft_model_reproduces_logits(tiny_bert, batch, tmp_path):
@@ -147,6 +151,23 @@ def test_gradient_checkpointing_matches_plain_backward(tiny_bert_pair, batch):
     assert grads[False].keys() == grads[True].keys()
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reentrant_gradient_checkpointing_is_refused_with_the_fix(tiny_bert_pair, batch):
+    model, _ = tiny_bert_pair
+    peft_model = get_peft_model(model, c2a_config())
+    inner = peft_model.base_model.model
+    if hasattr(inner, "activation_checkpointing_enable"):
+        peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    peft_model.train()
+    with pytest.raises(ValueError, match="reentrant activation checkpointing.*'use_reentrant': False"):
+        peft_model(**batch, labels=torch.tensor([0, 1, 2, 0]), label_distribution=DESCRIPTORS)
+    # in eval mode (no gradients) checkpointing does not run, and the model answers
+    peft_model.eval()
+    with torch.no_grad():
+        assert peft_model(**batch, label_distribution=DESCRIPTORS).logits.shape == (4, NUM_LABELS)
 
 
 def test_bf16_autocast_on_cpu(trained_c2a, batch):

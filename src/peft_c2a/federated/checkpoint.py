@@ -132,6 +132,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
         raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete federated checkpoint.") from error
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path / MANIFEST} is corrupt: {error}") from error
+    if not isinstance(manifest, dict) or not isinstance(hashes, dict):
+        raise CheckpointError(f"{path / MANIFEST} is corrupt: expected an object with a `sha256` object.")
+    for name, expected in hashes.items():
+        # a manifest names files of its own folder only; a path would make it hash (and load) a file elsewhere
+        if not isinstance(expected, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"{path / MANIFEST} is corrupt: bad entry {name!r}: {expected!r}.")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {manifest.get('format_version')}, expected {FORMAT_VERSION}."

@@ -83,7 +83,7 @@ def decode_node_description(record: Mapping[str, Any]) -> NodeDescription:
         counts = [int(count) for count in record["num-examples"]]
         evaluable = [bool(flag) for flag in record["evaluable"]]
         seed = int(record["seed"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:  # OverflowError: int(inf)
         raise ValueError(f"malformed client description: {error!r}") from error
     if not len(names) == len(counts) == len(evaluable):
         raise ValueError("malformed client description: names, example counts and evaluability differ in length")
@@ -278,10 +278,12 @@ def encode_evaluate_reply(
 
 
 def decode_evaluate_reply(
-    content: RecordDict, addressed: Sequence[str], node: int
+    content: RecordDict, addressed: Sequence[str], node: int, passes: Sequence[str] = EVALUATION_PASSES
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
     """`({pass: {client: scores}}, {client: error})` of an evaluate reply, for the `addressed` clients only (a node
-    may only report on the clients it was asked about); malformed scores count as that client's failure."""
+    may only report on the clients it was asked about). Malformed scores count as that client's failure, and so do
+    incomplete ones: a client must have every pass in `passes` (a model without a descriptor runs the own pass
+    only), each over the same number of examples, or it would count in one score and silently not in the other."""
     scores: dict[str, dict[str, dict[str, float]]] = {evaluation_pass: {} for evaluation_pass in EVALUATION_PASSES}
     failed: dict[str, str] = {}
     if ERRORS_KEY in content.config_records:
@@ -300,6 +302,14 @@ def decode_evaluate_reply(
             failed[name] = f"impossible scores from node {node}: {problem}"
             continue
         scores[evaluation_pass][name] = values
+    for name in set().union(*(scores[evaluation_pass] for evaluation_pass in passes)) - set(failed):
+        missing = [evaluation_pass for evaluation_pass in passes if name not in scores[evaluation_pass]]
+        if missing:
+            failed[name] = f"incomplete scores from node {node}: no {' or '.join(missing)} pass"
+            continue
+        counts = [scores[evaluation_pass][name].get("num_examples") for evaluation_pass in passes]
+        if len(set(counts)) > 1:
+            failed[name] = f"inconsistent scores from node {node}: the passes count {counts} examples"
     for evaluation_pass in EVALUATION_PASSES:  # a client with a bad pass is not half-counted
         for name in failed:
             scores[evaluation_pass].pop(name, None)
@@ -312,7 +322,7 @@ def _score_problem(scores: Mapping[str, float]) -> Optional[str]:
     for key, value in scores.items():
         if (key.endswith("accuracy") or key.endswith("f1")) and not 0.0 <= value <= 1.0:
             return f"{key}={value} outside [0, 1]"
-        if key == "num_examples" and not (value >= 0 and value == int(value)):
+        if key == "num_examples" and not (math.isfinite(value) and value >= 0 and value.is_integer()):
             return f"num_examples={value}"
         if key == "loss" and not (math.isfinite(value) and value >= 0):
             return f"loss={value}"

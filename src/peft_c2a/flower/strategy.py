@@ -43,6 +43,7 @@ from ..federated.rounds import (
 )
 from ..federated.server import ClientReport, FederationServer, ServerBacked
 from .protocol import (
+    EVALUATION_PASSES,
     OWN_PASS,
     UNIFORM_PASS,
     Instruction,
@@ -224,7 +225,8 @@ class FederatedStrategy(ServerBacked, Strategy):
             if reply.has_error():
                 failed.update(dict.fromkeys(addressed, f"error reply: {reply.error.reason}"))
                 continue
-            scores, errors = decode_evaluate_reply(reply.content, addressed, reply.metadata.src_node_id)
+            passes = EVALUATION_PASSES if self.model_has_descriptor else (OWN_PASS,)
+            scores, errors = decode_evaluate_reply(reply.content, addressed, reply.metadata.src_node_id, passes)
             own.update(scores[OWN_PASS])
             uniform.update(scores[UNIFORM_PASS])
             failed.update(errors)
