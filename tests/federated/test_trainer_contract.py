@@ -344,3 +344,15 @@ def test_evaluate_before_train_scores_the_starting_model_and_leaves_the_run_unch
     trainer.train()
     assert_states_close(trainer.global_state, uninterrupted.global_state)
     assert trainer.history[-1]["eval_personalized_mean_loss"] != pytest.approx(before["eval_personalized_mean_loss"])
+
+
+def test_a_dict_of_global_test_sets_is_refused_with_where_the_data_belongs(tmp_path):
+    clients, evals = make_clients({"client-a": 6, "client-b": 8}, eval_size=4)
+    with pytest.raises(ValueError, match="one dataset.*client_eval_datasets"):
+        build(tmp_path, clients, evals, eval_dataset={"a": evals["client-a"]})
+    trainer = build(tmp_path, clients, evals)
+    with pytest.raises(ValueError, match="metric_key_prefix"):
+        trainer.evaluate(eval_dataset={"a": evals["client-a"]})
+    # one dataset is the global test set, scored under the prefix asked for
+    metrics = trainer.evaluate(eval_dataset=evals["client-a"], metric_key_prefix="test_a")
+    assert metrics["test_a_global_num_examples"] == 4

@@ -7,6 +7,7 @@ own test split with its own descriptor (and, in the local-only baseline, its own
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -23,6 +24,17 @@ from .metrics import (
     prior_only_accuracy,
     scalar_items,
 )
+
+
+def check_global_test_set(eval_dataset: Any) -> None:
+    """A federation scores one global test set; the `Trainer`'s dict of named ones would each re-run every client's
+    personalised evaluation, so it is refused with where the data belongs instead."""
+    if isinstance(eval_dataset, Mapping):
+        raise ValueError(
+            "`eval_dataset` must be one dataset (the global test set), not a dict of datasets: clients' own test "
+            "sets go in `client_eval_datasets`; to score several global test sets, call `evaluate(eval_dataset=...)` "
+            "once for each with its own `metric_key_prefix`."
+        )
 
 
 class FederatedEvaluation(Trainer):
@@ -66,6 +78,7 @@ class FederatedEvaluation(Trainer):
 
         `eval_dataset` replaces the global test set for this call (scored with the uniform descriptor).
         """
+        check_global_test_set(eval_dataset)
         original = self.eval_dataset
         if eval_dataset is not None:
             self.eval_dataset = eval_dataset

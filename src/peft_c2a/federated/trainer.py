@@ -57,7 +57,7 @@ from .checkpoint import (
     unindexed_states,
 )
 from .clients import ClientData, build_clients, data_fingerprint, descriptor_spec, expected_num_labels
-from .evaluation import FederatedEvaluation
+from .evaluation import FederatedEvaluation, check_global_test_set
 from .local_training import POOLED_CLIENT, LocalTraining, unwrap_optimizer
 from .metrics import loggable_items, scalar_items
 from .reports import client_curves
@@ -122,6 +122,7 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
                 "A ready-made optimizer cannot be rebuilt for every client: choose it with `optim` / `optim_args`, "
                 "override `create_optimizer`, or set `reset_optimizer_each_round=False`."
             )
+        check_global_test_set(eval_dataset)
         # the Trainer wants a global `eval_dataset` for an evaluation schedule; a federation evaluates its clients
         eval_strategy, args.eval_strategy = args.eval_strategy, IntervalStrategy.NO
         try:
