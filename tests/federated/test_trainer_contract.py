@@ -41,6 +41,9 @@ class Recorder(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.events.append(("save", state.global_step))
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.events.append(("log", state.global_step))
+
 
 def test_callbacks_fire_per_round_like_the_trainers_steps(tmp_path):
     clients, evals = make_clients({"client-a": 6, "client-b": 8}, eval_size=4)
@@ -49,15 +52,19 @@ def test_callbacks_fire_per_round_like_the_trainers_steps(tmp_path):
     trainer.add_callback(recorder)
     trainer.train()
     # round 2 and the last round are evaluated and checkpointed; a step begins at the round before
+    # in the Trainer's order: step end, log, evaluate, save
     assert recorder.events == [
         ("step_begin", 0),
         ("step_end", 1),
+        ("log", 1),
         ("step_begin", 1),
         ("step_end", 2),
+        ("log", 2),
         ("evaluate", 2),
         ("save", 2),
         ("step_begin", 2),
         ("step_end", 3),
+        ("log", 3),
         ("evaluate", 3),
         ("save", 3),
     ]

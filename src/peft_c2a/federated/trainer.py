@@ -261,8 +261,9 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
             record["wall_time"] = time.time() - start_time
             self.server.add_record(record)
             self.state.global_step = round_index
-            self.log(loggable_items(record) | (client_curves(record) if args.log_client_scores else {}))
+            # the Trainer's order: on_step_end, then on_log, on_evaluate, on_save
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            self.log(loggable_items(record) | (client_curves(record) if args.log_client_scores else {}))
             if self.server.is_evaluation_round(round_index):
                 # as in the Trainer: callbacks see the previous best (EarlyStoppingCallback compares with it)
                 metrics = {key: value for key, value in scalar_items(record).items() if key.startswith("eval_")}
