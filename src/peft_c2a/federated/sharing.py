@@ -90,7 +90,7 @@ class HubSharing(Trainer):
             raise ValueError("Two client names map to the same folder name; export them to separate folders.")
         config = self.model.peft_config[self.model.active_adapter]
         config.check_exportable()  # on every process: only the first one writes, the others wait for it
-        if not self.global_state:
+        if not self.history:  # the server holds the starting state from construction on; no round has run
             raise RuntimeError("Nothing to export yet: run `train()` (or resume from a checkpoint) first.")
         last_scores = _last_client_scores(self.history)
         if self.is_world_process_zero():
