@@ -343,6 +343,20 @@ class FederatedTrainingArguments(TrainingArguments):
         else:
             self.save_strategy = SaveStrategy.NO
 
+    def check_processes(self) -> None:
+        """Refuse a launch the federation cannot run correctly (checked when a trainer is built, once the
+        distributed state exists)."""
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world_size == 1:
+            raise ValueError(
+                f"Launched as {launched} processes (WORLD_SIZE={launched}), but the arguments see one: every process "
+                "would run the whole federation into the same output_dir. Build the arguments inside the launched "
+                "script as FederatedTrainingArguments (on a machine without GPUs it sets use_cpu=True itself), or pass "
+                "`--use_cpu`."
+            )
+        if not self.reset_optimizer_each_round and self.world_size > 1:
+            raise ValueError("`reset_optimizer_each_round=False` is supported in a single process only.")
+
     def local_training_identity(self) -> dict[str, Any]:
         """The local-training settings a checkpoint must match to continue a run (JSON values)."""
         return {

@@ -1,5 +1,5 @@
-"""What a client's part of a round came to (`ClientReport`), the history record of a round's training, and the
-per-client scalars a record gives the Trainer's loggers.
+"""What a client's part of a round came to (`ClientReport`), the history record of a round's training, the
+per-client scalars a record gives the Trainer's loggers, and what a whole run's history gives `TrainOutput`.
 
 Both engines build reports -- `FederatedTrainer.train_client` in-process, the Flower strategy from a node's reply --
 and `FederationServer.finish_round` turns them into the round's record.
@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
+
+from .metrics import scalar_items
 
 ClientStatus = Literal["ok", "failed", "rejected"]
 
@@ -77,3 +79,18 @@ def client_curves(record: Mapping[str, Any], scores: Sequence[str] = ("accuracy"
     for name, loss in sorted((record.get("client_train_loss") or {}).items()):
         out[f"clients/{name}/train_loss"] = float(loss)
     return out
+
+
+def run_summary(history: Sequence[Mapping[str, Any]]) -> tuple[float, dict[str, float]]:
+    """`(training_loss, metrics)` of a run for `TrainOutput`: the mean round loss, and the last round's scalars.
+
+    As with the `Trainer`, `metrics["train_loss"]` is the run's loss (what `log_metrics("train", ...)` reports); the
+    last round's own stays readable as `last_round_train_loss`.
+    """
+    losses = [record["train_loss"] for record in history if math.isfinite(record.get("train_loss", math.nan))]
+    training_loss = float(sum(losses) / len(losses)) if losses else math.nan
+    metrics = scalar_items(history[-1]) if history else {}
+    if "train_loss" in metrics:
+        metrics["last_round_train_loss"] = metrics["train_loss"]
+    metrics["train_loss"] = training_loss
+    return training_loss, metrics

@@ -24,14 +24,11 @@ Design choices worth knowing:
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from accelerate.utils import gather_object
 from peft import PeftModel
@@ -60,7 +57,7 @@ from .clients import ClientData, build_clients, data_fingerprint, descriptor_spe
 from .evaluation import FederatedEvaluation, check_global_test_set
 from .local_training import POOLED_CLIENT, LocalTraining, unwrap_optimizer
 from .metrics import loggable_items, scalar_items
-from .reports import client_curves
+from .reports import client_curves, run_summary
 from .rounds import (
     adapter_fingerprint,
     load_trainable_state,
@@ -154,16 +151,7 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
         # from the model as given, so `evaluate()` before `train()` scores the starting point (`eval_on_start`)
         self.server = FederationServer(args, self._shared_state(), is_writer=self.is_world_process_zero())
         self.server.set_roster(self.clients, list(unseen_clients or []), where="missing from `client_datasets`")
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > 1 and args.world_size == 1:
-            raise ValueError(
-                f"Launched as {launched} processes (WORLD_SIZE={launched}), but the arguments see one: every process "
-                "would run the whole federation into the same output_dir. Build the arguments inside the launched "
-                "script as FederatedTrainingArguments (on a machine without GPUs it sets use_cpu=True itself), or pass "
-                "`--use_cpu`."
-            )
-        if not args.reset_optimizer_each_round and args.world_size > 1:
-            raise ValueError("`reset_optimizer_each_round=False` is supported in a single process only.")
+        args.check_processes()
         if args.federation_mode == "centralized":
             self._pooled_client = ClientData(POOLED_CLIENT, self._pool_training_clients())
         # datasets with the model's unused columns removed, made once per dataset instead of every round
@@ -279,14 +267,7 @@ class FederatedTrainer(ServerBacked, HubSharing, FederatedEvaluation, LocalTrain
         if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_round(Path(self.state.best_model_checkpoint))
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        losses = [record["train_loss"] for record in self.history if math.isfinite(record.get("train_loss", math.nan))]
-        training_loss = float(np.mean(losses)) if losses else math.nan
-        metrics = scalar_items(self.history[-1]) if self.history else {}
-        # as the Trainer's: `train_loss` is the run's loss (what `log_metrics("train", ...)` reports); the last
-        # round's own stays readable under `last_round_train_loss`
-        if "train_loss" in metrics:
-            metrics["last_round_train_loss"] = metrics["train_loss"]
-        metrics["train_loss"] = training_loss
+        training_loss, metrics = run_summary(self.history)
         metrics["train_runtime"] = time.time() - start_time
         return TrainOutput(self.state.global_step, training_loss, metrics)
 
