@@ -173,8 +173,8 @@ class C2ALayer(_BottleneckLayerBase):
         embedding `e` of each example (or position) and the generators narrowed to this site's widths."""
         state = self._c2a_conditioning.state
         hyper = self._c2a_hypernets[adapter_name]
-        shared = state.generators.get(adapter_name)
-        if shared is not None and shared[0].requires_grad and not torch.is_grad_enabled():
+        generators = state.generators.get(adapter_name)
+        if generators is not None and generators[0].requires_grad and not torch.is_grad_enabled():
             # made with gradients by the top-level forward, used without: a reentrant checkpoint's forward
             raise ValueError(
                 "C2A adapters do not support reentrant activation checkpointing (`use_reentrant=True`): every layer's "
@@ -207,7 +207,7 @@ class C2ALayer(_BottleneckLayerBase):
             embedding = (embedding.unsqueeze(1) if pooled.dim() == 3 else embedding) + hyper.context_embedding(pooled)
 
         embedding = hyper.client_embedding_from_terms(embedding)
-        gen_down, gen_up = state.generators.get(adapter_name) or hyper.generators()  # (k, r, d) each, scaled
+        gen_down, gen_up = generators or hyper.generators()  # (k, r, d) each, scaled
         gen_down, gen_up = gen_down[..., : x.shape[-1]], gen_up[..., : self.out_features]
         down_bias, up_bias = biases if biases is not None else (0.0, 0.0)
         if embedding.dim() == 2:

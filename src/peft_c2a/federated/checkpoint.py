@@ -132,7 +132,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
         raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete federated checkpoint.") from error
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path / MANIFEST} is corrupt: {error}") from error
-    if not isinstance(manifest, dict) or not isinstance(hashes, dict):
+    if not isinstance(hashes, dict):  # a manifest that is no object already failed at `manifest["sha256"]`
         raise CheckpointError(f"{path / MANIFEST} is corrupt: expected an object with a `sha256` object.")
     for name, expected in hashes.items():
         # a manifest names files of its own folder only; a path would make it hash (and load) a file elsewhere
