@@ -104,7 +104,8 @@ def server_app(
 
 def hostile_client_app(output_dir: str, **settings: Any) -> ClientApp:
     """Nodes 0 and 1 run the package's ClientApp; node 2 sends a NaN update in round 1, a misshapen one in round 2,
-    and in round 3 a proper update with an inflated example count (to take over the weighted average)."""
+    and in round 3 a proper update with an inflated example count (to take over the weighted average); its evaluation
+    replies claim 10,000 test examples in both passes (to take over the pooled global score)."""
     honest = client_app(output_dir, **settings)
     app = ClientApp()
 
@@ -114,7 +115,13 @@ def hostile_client_app(output_dir: str, **settings: Any) -> ClientApp:
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        return honest(message, context)
+        reply = honest(message, context)
+        if int(context.node_config["partition-id"]) != 2:
+            return reply
+        content = RecordDict()
+        for key, record in reply.content.metric_records.items():
+            content[key] = MetricRecord({**dict(record), "num_examples": 10_000.0})
+        return Message(content, reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

@@ -37,3 +37,19 @@ def test_next_token_accuracy_is_shifted(tmp_path):
     unshifted = (predicted == ids).float().mean().item()
     assert abs(scores["accuracy"] - expected) < 1e-9
     assert expected != unshifted
+
+
+def test_the_scored_example_count_is_known_from_the_data_alone(tmp_path):
+    # a Flower node announces this count at query, before any model state exists; its scores must then count exactly
+    # as many predictions: the labelled positions after the next-token shift
+    model = get_peft_model(tiny_gpt2(), peft_c2a.BottleneckAdapterConfig(task_type="CAUSAL_LM", bottleneck_dim=4))
+    masked = token_streams(2).to_dict()
+    masked["labels"] = [row[:5] + [-100] * 3 if index % 2 else row for index, row in enumerate(masked["labels"])]
+    trainer = FederatedTrainer(
+        model,
+        fed_args(tmp_path),
+        {"a": token_streams(0)},
+        {"a": Dataset.from_dict(masked)},
+        data_collator=default_data_collator,
+    )
+    assert trainer.count_scored_examples("a") == 3 * 7 + 3 * 4 == trainer.evaluate_client("a")["num_examples"]

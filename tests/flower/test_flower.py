@@ -140,7 +140,7 @@ def test_lora_on_flower_equals_trainer_and_only_updates_and_counts_leave_clients
         assert entry == {
             "type": "query",
             "arrays": {},
-            "configs": {"clients": ["evaluable", "names", "num-examples", "seed"]},
+            "configs": {"clients": ["names", "num-examples", "num-test-examples", "seed"]},
             "metrics": {},
         }
     trainable = sorted(reference.global_state)
@@ -227,7 +227,12 @@ def test_hostile_updates_are_rejected_and_never_averaged(tmp_path):
     )
     assert list(third["rejected_clients"]) == ["client-2"] and "example count" in third["rejected_clients"]["client-2"]
     assert [record["num_clients_ok"] for record in strategy.history] == [2, 2, 2]
+    for record in strategy.history:  # its inflated test-set size is refused; the honest clients still count
+        assert list(record["eval_failed_clients"]) == ["client-2"]
+        assert "10000.0 examples scored, " in record["eval_failed_clients"]["client-2"]
     train, test = skewed_clients(NUM_NODES)
+    for record in strategy.history:
+        assert record["eval_global_num_examples"] == sum(len(test[name]) for name in ("client-0", "client-1"))
     honest = {name: train[name] for name in ("client-0", "client-1")}
     reference = FederatedTrainer(
         tiny_model("c2a", seed=0),
@@ -260,7 +265,8 @@ def test_strategy_checks_its_input(tmp_path):
 
 
 def describe(names, counts=None, seed=0):
-    return {"names": names, "num-examples": counts or [24] * len(names), "evaluable": [True] * len(names), "seed": seed}
+    counts = counts or [24] * len(names)
+    return {"names": names, "num-examples": counts, "num-test-examples": [8] * len(names), "seed": seed}
 
 
 def test_client_registration_refuses_inconsistent_federations(tmp_path):

@@ -27,6 +27,7 @@ from peft_c2a.flower.protocol import (
     encode_train,
     encode_train_reply,
     state_to_record,
+    train_report_problem,
 )
 
 from ..federated_utils import fed_args, tiny_model
@@ -35,8 +36,9 @@ from ..flower_utils import federation_settings
 
 def test_messages_round_trip():
     state = {"w": torch.arange(6.0).reshape(2, 3)}
-    description = NodeDescription(["a", "b"], [3, 4], [True, False], 7)
+    description = NodeDescription(["a", "b"], [3, 4], [5, 0], 7)
     assert decode_query_reply(encode_query_reply(description)) == description
+    assert description.evaluable == [True, False]
 
     instruction = Instruction(3, 7, "fedprox", 0.01, ["a"], [4], {"note": "x"})
     decoded_state, decoded = decode_train(encode_train(state_to_record(state), instruction))
@@ -73,21 +75,42 @@ def test_impossible_evaluation_scores_are_refused():
         },
         {},
     )
-    scores, failed = decode_evaluate_reply(reply, addressed=["a", "b", "c", "d", "e", "f", "g"], node=9)
+    scores, failed = decode_evaluate_reply(reply, dict.fromkeys("abcdefg", 4), node=9)
     assert scores[OWN_PASS] == {"a": good} and scores[UNIFORM_PASS] == {"a": good}
     assert sorted(failed) == ["b", "c", "d", "e", "f", "g"] and "accuracy=5.0" in failed["b"]
     assert "num_examples=inf" in failed["e"] and "no uniform pass" in failed["f"]
     assert "inconsistent scores from node 9: the passes count [4.0, 4000.0]" in failed["g"]
     # a model without a descriptor runs the own pass only: one pass is complete
-    scores, failed = decode_evaluate_reply(reply, addressed=["a", "f"], node=9, passes=(OWN_PASS,))
+    scores, failed = decode_evaluate_reply(reply, dict.fromkeys("af", 4), node=9, passes=(OWN_PASS,))
     assert scores[OWN_PASS] == {"a": good, "f": good} and failed == {}
+    # both passes agree, but on more examples than the node announced at query: it would outweigh the others in the
+    # pooled global score
+    scores, failed = decode_evaluate_reply(reply, {"a": 3}, node=9)
+    assert scores == {OWN_PASS: {}, UNIFORM_PASS: {}}
+    assert failed == {"a": "inconsistent scores from node 9: 4.0 examples scored, 3 announced"}
 
 
-@pytest.mark.parametrize("field", ["num-examples", "seed"])
+@pytest.mark.parametrize("field", ["num-examples", "num-test-examples", "seed"])
 def test_a_non_finite_number_in_a_client_description_is_a_malformed_description(field):
-    description = {"names": ["a"], "num-examples": [5], "evaluable": [True], "seed": 0}
-    description[field] = [float("inf")] if field == "num-examples" else float("inf")
+    description = {"names": ["a"], "num-examples": [5], "num-test-examples": [2], "seed": 0}
+    description[field] = float("inf") if field == "seed" else [float("inf")]
     with pytest.raises(ValueError, match="malformed client description"):
+        decode_node_description(description)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num-test-examples": [-1]}, "negative test-example counts \\[-1\\]"),
+        ({"num-test-examples": [2, 3]}, "differ in length"),
+        ({"num-test-examples": None}, "malformed client description"),
+    ],
+)
+def test_a_client_description_must_announce_every_test_set(change, message):
+    description = {"names": ["a"], "num-examples": [5], "num-test-examples": [2], "seed": 0, **change}
+    if change["num-test-examples"] is None:
+        del description["num-test-examples"]
+    with pytest.raises(ValueError, match=message):
         decode_node_description(description)
 
 
@@ -103,17 +126,38 @@ def test_malformed_train_replies_are_the_nodes_failure():
     assert report.status == "rejected" and "malformed" in report.error and update is None
 
 
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({}, None),
+        (
+            {"num_examples": 10_000},
+            "example count 10000 differs from the 3 the node announced (it would change the client's weight in the "
+            "average)",
+        ),
+        ({"train_loss": float("inf")}, "non-finite training loss inf"),
+        ({"local_steps": -4}, "negative local steps -4"),
+    ],
+)
+def test_a_train_reports_metrics_must_be_possible(change, problem):
+    report = ClientReport("a", "ok", num_examples=3, train_loss=0.5, local_steps=2)
+    for key, value in change.items():
+        setattr(report, key, value)
+    assert train_report_problem(report, announced_examples=3) == problem
+
+
 @pytest.mark.parametrize("count", [0, -23])
 def test_a_node_announcing_no_examples_is_refused(tmp_path, count):
     strategy = FederatedStrategy(tiny_model("c2a"), fed_args(tmp_path, **federation_settings()))
-    description = {"names": ["a", "b"], "num-examples": [5, count], "evaluable": [True, True], "seed": 0}
+    description = {"names": ["a", "b"], "num-examples": [5, count], "num-test-examples": [2, 2], "seed": 0}
     with pytest.raises(ValueError, match=f"announces {count} training examples"):
         strategy.register_clients({1: description})
 
 
 def test_the_strategy_refuses_another_runs_checkpoints_on_a_fresh_start(tmp_path):
     strategy = FederatedStrategy(tiny_model("c2a"), fed_args(tmp_path, **federation_settings()))
-    strategy.register_clients({1: {"names": ["a", "b"], "num-examples": [5, 5], "evaluable": [True, True], "seed": 0}})
+    description = {"names": ["a", "b"], "num-examples": [5, 5], "num-test-examples": [2, 2], "seed": 0}
+    strategy.register_clients({1: description})
     strategy.save_checkpoint(1)
     fresh = FederatedStrategy(tiny_model("c2a"), fed_args(tmp_path, **federation_settings()))
     with pytest.raises(CheckpointError, match="another run.*overwrite_output_dir"):

@@ -18,6 +18,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from .clients import ClientData
 from .metrics import (
+    IGNORE_INDEX,
     classification_metrics,
     evaluation_summary,
     prior_logit_offsets,
@@ -132,12 +133,14 @@ class FederatedEvaluation(Trainer):
         loader = self._client_loader(client, None, train=False)
         model = self.model
         model.eval()
-        logits_all, labels_all, loss_sum, count = None, None, 0.0, 0
+        next_token = _predicts_next_token(model)
+        logits_all, labels_all, loss_sum, count, scored = None, None, 0.0, 0, 0
         for inputs in loader:
             batch_size = len(next(iter(inputs.values())))
             loss, logits, labels = self.prediction_step(
                 model, inputs, prediction_loss_only=False, ignore_keys=ignore_keys
             )
+            scored += scored_positions(labels, batch_size, next_token)
             if loss is not None:
                 loss_sum += float(loss) * batch_size
                 count += batch_size
@@ -161,7 +164,7 @@ class FederatedEvaluation(Trainer):
             if tau and kind in ("client", "unseen") and counts is not None and logits_np.shape[-1] == len(counts):
                 logits_np = logits_np + prior_logit_offsets(counts, tau).astype(logits_np.dtype)
             predictions = logits_np.argmax(-1) if logits_np.ndim == labels_np.ndim + 1 else logits_np
-            if _predicts_next_token(self.model) and predictions.ndim == 2 and predictions.shape == labels_np.shape:
+            if next_token and predictions.ndim == 2 and predictions.shape == labels_np.shape:
                 # a causal LM's logits at position t predict token t + 1 (its loss shifts the same way)
                 predictions, labels_np = predictions[:, :-1], labels_np[:, 1:]
             if predictions.shape == labels_np.shape:
@@ -173,8 +176,32 @@ class FederatedEvaluation(Trainer):
             if self.compute_metrics is not None:
                 extra = self.compute_metrics(EvalPrediction(predictions=logits_np, label_ids=label_ids))
                 scores.update({key: float(value) for key, value in extra.items()})
-        scores.setdefault("num_examples", count)
+        scores["num_examples"] = scored
         return scores
+
+    def count_scored_examples(self, name: str) -> int:
+        """How many predictions client `name`'s evaluation scores count (`num_examples` of `evaluate_client`), from
+        its data alone: a Flower node announces it, and the server accepts scores over exactly that many."""
+        client = self._client(name)
+        if client.eval_dataset is None:
+            return 0
+        next_token = _predicts_next_token(self.model)
+        total = 0
+        for inputs in self._client_loader(client, None, train=False):
+            labels = inputs.get(self.label_names[0]) if len(self.label_names) == 1 else None
+            total += scored_positions(labels, len(next(iter(inputs.values()))), next_token)
+        return total
+
+
+def scored_positions(labels: Any, batch_size: int, next_token: bool) -> int:
+    """How many predictions a batch is scored on: its labelled positions (-100 is ignored, and a causal LM's labels
+    are shifted by one, as its predictions are), or its examples when it carries no labels."""
+    if labels is None or isinstance(labels, (tuple, list)):
+        return batch_size
+    labels = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
+    if next_token and labels.ndim == 2:
+        labels = labels[:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
 
 
 def _predicts_next_token(model: Any) -> bool:

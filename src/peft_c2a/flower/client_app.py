@@ -98,7 +98,7 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         description = NodeDescription(
             names=names,
             num_examples=[trainer.clients[name].num_examples for name in names],
-            evaluable=[trainer.clients[name].eval_dataset is not None for name in names],
+            num_test_examples=[trainer.count_scored_examples(name) for name in names],
             seed=trainer.args.seed,
         )
         return Message(encode_query_reply(description), reply_to=message)

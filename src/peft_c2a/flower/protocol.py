@@ -3,7 +3,7 @@ encode / decode pair for each message.
 
 | message | server -> node | node -> server |
 |---|---|---|
-| `query` | nothing | `NodeDescription`: the node's clients, their example counts, which can evaluate, its seed |
+| `query` | nothing | `NodeDescription`: the node's clients, their training and test example counts, its seed |
 | `train` | the global state + an `Instruction` for one client | the client's status (+ its update and metrics) |
 | `evaluate` | the global state + an `Instruction` for its evaluable clients | per client and pass: scores or an error |
 
@@ -53,12 +53,22 @@ def state_from_record(record: ArrayRecord) -> TensorDict:
 
 @dataclass
 class NodeDescription:
-    """A node's answer to `query`: its clients (parallel lists) and the seed it trains with."""
+    """A node's answer to `query`: its clients (parallel lists) and the seed it trains with.
+
+    Both counts bound what the node may later claim: a train reply must report `num_examples` (a client's FedAvg
+    weight) and an evaluation reply `num_test_examples` (its weight in the pooled global score: the predictions its
+    scores count, `FederatedTrainer.count_scored_examples`) as announced here. A client without any is not
+    evaluated.
+    """
 
     names: list[str]
     num_examples: list[int]
-    evaluable: list[bool]
+    num_test_examples: list[int]
     seed: int
+
+    @property
+    def evaluable(self) -> list[bool]:
+        return [count > 0 for count in self.num_test_examples]
 
 
 def encode_query_reply(description: NodeDescription) -> RecordDict:
@@ -68,7 +78,7 @@ def encode_query_reply(description: NodeDescription) -> RecordDict:
                 {
                     "names": list(description.names),
                     "num-examples": [int(count) for count in description.num_examples],
-                    "evaluable": [bool(flag) for flag in description.evaluable],
+                    "num-test-examples": [int(count) for count in description.num_test_examples],
                     "seed": int(description.seed),
                 }
             )
@@ -81,13 +91,15 @@ def decode_node_description(record: Mapping[str, Any]) -> NodeDescription:
     try:
         names = [str(name) for name in record["names"]]
         counts = [int(count) for count in record["num-examples"]]
-        evaluable = [bool(flag) for flag in record["evaluable"]]
+        test_counts = [int(count) for count in record["num-test-examples"]]
         seed = int(record["seed"])
     except (KeyError, TypeError, ValueError, OverflowError) as error:  # OverflowError: int(inf)
         raise ValueError(f"malformed client description: {error!r}") from error
-    if not len(names) == len(counts) == len(evaluable):
-        raise ValueError("malformed client description: names, example counts and evaluability differ in length")
-    return NodeDescription(names, counts, evaluable, seed)
+    if not len(names) == len(counts) == len(test_counts):
+        raise ValueError("malformed client description: names and example counts differ in length")
+    if any(count < 0 for count in test_counts):
+        raise ValueError(f"malformed client description: negative test-example counts {test_counts}")
+    return NodeDescription(names, counts, test_counts, seed)
 
 
 def decode_query_reply(content: RecordDict) -> NodeDescription:
@@ -96,22 +108,22 @@ def decode_query_reply(content: RecordDict) -> NodeDescription:
 
 def map_clients_to_nodes(
     descriptions: Mapping[int, Any], seed: int
-) -> tuple[dict[str, int], dict[str, int], list[str]]:
-    """`(client -> node, client -> announced examples, evaluable clients)` from the nodes' query replies (node id ->
-    `NodeDescription`, or its raw record).
+) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """`(client -> node, client -> announced training examples, evaluable client -> announced test examples)` from
+    the nodes' query replies (node id -> `NodeDescription`, or its raw record).
 
     Raises `ValueError` for a node with another seed, a client held by two nodes, or a client announced with fewer
     than one example (its count weighs its update).
     """
     nodes: dict[str, int] = {}
     examples: dict[str, int] = {}
-    evaluable: list[str] = []
+    test_examples: dict[str, int] = {}
     for node, raw in sorted(descriptions.items()):
         description = raw if isinstance(raw, NodeDescription) else decode_node_description(raw)
         if description.seed != seed:
             raise ValueError(f"Node {node} runs with seed {description.seed}, the server with {seed}.")
-        for name, count, can_evaluate in zip(
-            description.names, description.num_examples, description.evaluable, strict=True
+        for name, count, test_count in zip(
+            description.names, description.num_examples, description.num_test_examples, strict=True
         ):
             if name in nodes:
                 raise ValueError(f"Client {name!r} is held by two nodes ({nodes[name]} and {node}).")
@@ -121,9 +133,9 @@ def map_clients_to_nodes(
                     "one (its count weighs its update)."
                 )
             nodes[name], examples[name] = node, int(count)
-            if can_evaluate:
-                evaluable.append(name)
-    return nodes, examples, evaluable
+            if test_count > 0:
+                test_examples[name] = int(test_count)
+    return nodes, examples, test_examples
 
 
 # ---- train and evaluate instructions ----------------------------------------------------------------------------
@@ -264,6 +276,22 @@ def decode_train_reply(content: RecordDict, bytes_down: int) -> tuple[ClientRepo
     return report, update
 
 
+def train_report_problem(report: ClientReport, announced_examples: int) -> Optional[str]:
+    """Why a train reply's metrics cannot be true or used, or `None`: an example count other than the one the node
+    announced at `query` (it would change the client's weight in the average), a non-finite loss, a negative number
+    of local steps."""
+    if report.num_examples != announced_examples:
+        return (
+            f"example count {report.num_examples} differs from the {announced_examples} the node announced (it would "
+            "change the client's weight in the average)"
+        )
+    if not math.isfinite(report.train_loss):
+        return f"non-finite training loss {report.train_loss}"
+    if report.local_steps < 0:
+        return f"negative local steps {report.local_steps}"
+    return None
+
+
 def encode_evaluate_reply(
     scores: Mapping[tuple[str, str], Mapping[str, float]], errors: Mapping[str, str]
 ) -> RecordDict:
@@ -278,12 +306,15 @@ def encode_evaluate_reply(
 
 
 def decode_evaluate_reply(
-    content: RecordDict, addressed: Sequence[str], node: int, passes: Sequence[str] = EVALUATION_PASSES
+    content: RecordDict, test_examples: Mapping[str, int], node: int, passes: Sequence[str] = EVALUATION_PASSES
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
-    """`({pass: {client: scores}}, {client: error})` of an evaluate reply, for the `addressed` clients only (a node
-    may only report on the clients it was asked about). Malformed scores count as that client's failure, and so do
-    incomplete ones: a client must have every pass in `passes` (a model without a descriptor runs the own pass
-    only), each over the same number of examples, or it would count in one score and silently not in the other."""
+    """`({pass: {client: scores}}, {client: error})` of an evaluate reply, for the addressed clients only
+    (`test_examples`: each of them -> the test examples its node announced at `query`; a node may only report on the
+    clients it was asked about). Malformed scores count as that client's failure, and so do incomplete ones: a client
+    must have every pass in `passes` (a model without a descriptor runs the own pass only), each over the announced
+    number of examples, or it would count in one score and silently not in the other, or weigh more in the pooled
+    global score than its data does."""
+    addressed = test_examples
     scores: dict[str, dict[str, dict[str, float]]] = {evaluation_pass: {} for evaluation_pass in EVALUATION_PASSES}
     failed: dict[str, str] = {}
     if ERRORS_KEY in content.config_records:
@@ -310,6 +341,10 @@ def decode_evaluate_reply(
         counts = [scores[evaluation_pass][name].get("num_examples") for evaluation_pass in passes]
         if len(set(counts)) > 1:
             failed[name] = f"inconsistent scores from node {node}: the passes count {counts} examples"
+        elif counts[0] != test_examples[name]:
+            failed[name] = (
+                f"inconsistent scores from node {node}: {counts[0]} examples scored, {test_examples[name]} announced"
+            )
     for evaluation_pass in EVALUATION_PASSES:  # a client with a bad pass is not half-counted
         for name in failed:
             scores[evaluation_pass].pop(name, None)

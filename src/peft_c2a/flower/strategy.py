@@ -14,7 +14,6 @@ resume from it.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -55,6 +54,7 @@ from .protocol import (
     map_clients_to_nodes,
     state_from_record,
     train_reply_client,
+    train_report_problem,
 )
 
 # Flower's own logger: what the strategy says then shows in `flwr run --stream` / `flwr log` with Flower's lines
@@ -107,7 +107,7 @@ class FederatedStrategy(ServerBacked, Strategy):
         self.client_nodes: dict[str, int] = {}
         self.client_examples: dict[str, int] = {}
         self.client_ids: dict[str, int] = {}
-        self.evaluable_clients: list[str] = []
+        self.client_test_examples: dict[str, int] = {}  # clients with test data -> predictions their scores count
         self._round_start = 0.0
         self._round_record: dict[str, Any] = {}
         # the messages of the current round's phase and the clients they address: a reply names the message it
@@ -200,7 +200,7 @@ class FederatedStrategy(ServerBacked, Strategy):
         if not self.server.is_evaluation_round(server_round):
             return []
         by_node: dict[int, list[str]] = {}
-        for name in self.evaluable_clients:
+        for name in self.client_test_examples:  # the clients with test data
             by_node.setdefault(self.client_nodes[name], []).append(name)
         self._sent = []
         for node, names in sorted(by_node.items()):
@@ -226,7 +226,8 @@ class FederatedStrategy(ServerBacked, Strategy):
                 failed.update(dict.fromkeys(addressed, f"error reply: {reply.error.reason}"))
                 continue
             passes = EVALUATION_PASSES if self.model_has_descriptor else (OWN_PASS,)
-            scores, errors = decode_evaluate_reply(reply.content, addressed, reply.metadata.src_node_id, passes)
+            announced = {name: self.client_test_examples[name] for name in addressed}
+            scores, errors = decode_evaluate_reply(reply.content, announced, reply.metadata.src_node_id, passes)
             own.update(scores[OWN_PASS])
             uniform.update(scores[UNIFORM_PASS])
             failed.update(errors)
@@ -373,13 +374,13 @@ class FederatedStrategy(ServerBacked, Strategy):
 
     def register_clients(self, descriptions: Mapping[int, Mapping[str, Any]]) -> None:
         """Record which node holds which clients, from the nodes' `query` replies (`node id -> description` with
-        `names`, `num-examples`, `evaluable`, `seed`).
+        `names`, `num-examples`, `num-test-examples`, `seed`).
 
         Raises `ValueError` for a node with another seed, a client held by two nodes, unseen clients no node holds,
         no training client, more clients than a C2A adapter's client-id embedding has rows, or a
         `min_clients_per_round` above the clients sampled per round.
         """
-        nodes, examples, evaluable = map_clients_to_nodes(descriptions, self.args.seed)
+        nodes, examples, test_examples = map_clients_to_nodes(descriptions, self.args.seed)
         spec = descriptor_spec(self.model)
         if spec is not None and spec.num_clients is not None and len(nodes) > spec.num_clients:
             raise ValueError(
@@ -394,7 +395,7 @@ class FederatedStrategy(ServerBacked, Strategy):
             "client_examples": dict(sorted(examples.items())),
         }
         self.client_nodes, self.client_examples = nodes, examples
-        self.evaluable_clients = sorted(evaluable)
+        self.client_test_examples = dict(sorted(test_examples.items()))
         # FederatedTrainer numbers clients by sorted name over all of them, unseen included
         self.client_ids = {name: index for index, name in enumerate(sorted(nodes))}
         logger.info("%d clients on %d nodes: %s", len(nodes), len(descriptions), sorted(nodes))
@@ -430,7 +431,7 @@ class FederatedStrategy(ServerBacked, Strategy):
     ) -> tuple[Optional[ClientReport], Optional[TensorDict]]:
         """The report and (usable) update of one train reply, or `(None, None)` for a reply about no client it was
         asked about. Everything in it is screened: the client must be the one addressed, the update must fit the
-        global state and be finite, the example count must be the one the node announced, the loss finite."""
+        global state and be finite, its metrics possible (`train_report_problem`)."""
         node = reply.metadata.src_node_id
         name = train_reply_client(reply.content)
         if name is None:
@@ -442,14 +443,7 @@ class FederatedStrategy(ServerBacked, Strategy):
         report, update = decode_train_reply(reply.content, down)
         if update is None:
             return report, None
-        reason = screen_update(update, self.global_state)
-        if reason is None and report.num_examples != self.client_examples.get(name):
-            reason = (
-                f"example count {report.num_examples} differs from the {self.client_examples.get(name)} the node "
-                "announced (it would change the client's weight in the average)"
-            )
-        if reason is None and not math.isfinite(report.train_loss):
-            reason = f"non-finite training loss {report.train_loss}"
+        reason = screen_update(update, self.global_state) or train_report_problem(report, self.client_examples[name])
         if reason is not None:
             report.status, report.error = "rejected", reason
             return report, None
