@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification, TrainerCallback, default_data_collator
 
 import peft_c2a
@@ -390,6 +390,35 @@ def test_edited_state_file_is_rejected(run_dir):
 def test_missing_state_file_is_rejected(run_dir):
     (run_dir / "round-2" / "server_optimizer.safetensors").unlink()
     assert_rejected(make(run_dir), str(run_dir / "round-2"), "is missing")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ("drop", "its `m/...` tensors are not those of the global state"),
+        ("reshape", "m/.* has shape \\(1, \\d+\\), the global state"),
+        ("negative", "v/.* holds non-finite or negative values"),
+    ],
+)
+def test_a_server_optimizer_state_that_cannot_step_the_global_state_is_rejected(run_dir, edit, match):
+    # hand-edited and re-hashed, so only the content check can catch it: a missing or misshapen moment would fail in
+    # the next server step (after a round of training), a negative second moment would make the global state NaN
+    folder = run_dir / "round-2"
+    target = folder / "server_optimizer.safetensors"
+    state = load_file(str(target))
+    first = sorted(key for key in state if key.startswith("m/"))[0]
+    second = "v/" + first[2:]
+    if edit == "drop":
+        del state[first]
+    elif edit == "reshape":
+        state[first] = state[first].reshape(1, -1)
+    else:
+        state[second] = -state[second]
+    save_file(state, str(target))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["sha256"][target.name] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert_rejected(make(run_dir), True, "unusable server optimizer state: " + match)
 
 
 def test_folder_without_manifest_is_not_a_checkpoint(run_dir):

@@ -117,6 +117,9 @@ class FedAvgServer:
         if state:
             raise ValueError(f"FedAvg keeps no server state, but the checkpoint holds {sorted(state)[:3]} ...")
 
+    def check_fits(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        """Raise `ValueError` if the state restored by `load_state_dict` cannot step `global_state`."""
+
 
 class FedAdamServer(FedAvgServer):
     """Adaptive server optimizers FedAdam and FedYogi (Reddi et al. 2021).
@@ -163,6 +166,21 @@ class FedAdamServer(FedAvgServer):
         self.second_moment = {key[2:]: value.double() for key, value in state.items() if key.startswith("v/")}
         if len(self.first_moment) + len(self.second_moment) != len(state):
             raise ValueError("Server optimizer state holds keys other than `m/...` and `v/...`.")
+
+    def check_fits(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        """Raise `ValueError` unless the moments are absent (before the first step) or cover exactly the tensors of
+        `global_state`, with their shapes, finite, the second moment non-negative (its square root divides)."""
+        if not self.first_moment and not self.second_moment:
+            return
+        for kind, moments in (("m", self.first_moment), ("v", self.second_moment)):
+            if set(moments) != set(global_state):
+                raise ValueError(f"its `{kind}/...` tensors are not those of the global state")
+            for name, value in moments.items():
+                expected = tuple(global_state[name].shape)
+                if tuple(value.shape) != expected:
+                    raise ValueError(f"{kind}/{name} has shape {tuple(value.shape)}, the global state {expected}")
+                if not bool(torch.isfinite(value).all()) or (kind == "v" and bool((value < 0).any())):
+                    raise ValueError(f"{kind}/{name} holds non-finite{' or negative' if kind == 'v' else ''} values")
 
 
 def make_server_optimizer(args: FederatedTrainingArguments) -> FedAvgServer:

@@ -375,6 +375,7 @@ class FederationServer:
         server_optimizer = make_server_optimizer(self.args)
         try:
             server_optimizer.load_state_dict(tensors.get(SERVER_STATE_FILE, {}))
+            server_optimizer.check_fits(state)
         except ValueError as error:
             raise CheckpointError(f"Checkpoint {path} has an unusable server optimizer state: {error}") from error
         return ServerCheckpoint(
