@@ -1,7 +1,9 @@
-"""A causal-LM federation reports next-token accuracy: logits at position t are scored against token t + 1."""
+"""A causal-LM federation reports next-token accuracy: logits at position t are scored against token t + 1; what a
+client's scores count is known from its data alone."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
@@ -10,7 +12,7 @@ from transformers import default_data_collator
 import peft_c2a
 from peft_c2a.federated import FederatedTrainer
 
-from ..federated_utils import fed_args
+from ..federated_utils import fed_args, skewed_clients, tiny_model
 from ..tuner.test_generation import tiny_gpt2
 
 
@@ -53,3 +55,22 @@ def test_the_scored_example_count_is_known_from_the_data_alone(tmp_path):
         data_collator=default_data_collator,
     )
     assert trainer.count_scored_examples("a") == 3 * 7 + 3 * 4 == trainer.evaluate_client("a")["num_examples"]
+
+
+@pytest.mark.parametrize("personalization_steps", [0, 2])
+def test_a_classifiers_scored_count_is_its_labelled_test_examples_in_both_passes(tmp_path, personalization_steps):
+    train, test = skewed_clients(2)
+    masked = test["client-0"].to_dict()
+    masked["labels"] = [-100 if index % 3 == 0 else label for index, label in enumerate(masked["labels"])]
+    test["client-0"] = Dataset.from_dict(masked)
+    trainer = FederatedTrainer(
+        tiny_model("c2a"),
+        fed_args(tmp_path, personalization_steps=personalization_steps),
+        train,
+        test,
+        data_collator=default_data_collator,
+    )
+    announced = trainer.count_scored_examples("client-0")
+    own = trainer.evaluate_client("client-0")["num_examples"]
+    uniform = trainer.evaluate_client("client-0", own_descriptor=False)["num_examples"]
+    assert announced == own == uniform == len(masked["labels"]) - 4

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from datasets import Dataset
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from transformers import default_data_collator
 
-from peft_c2a.federated import CheckpointError
+from peft_c2a.federated import CheckpointError, FederatedTrainer
 from peft_c2a.federated.server import ClientReport
 from peft_c2a.flower import FederatedStrategy
+from peft_c2a.flower.client_app import _scored_examples
 from peft_c2a.flower.protocol import (
     OWN_PASS,
     UNIFORM_PASS,
@@ -30,7 +33,7 @@ from peft_c2a.flower.protocol import (
     train_report_problem,
 )
 
-from ..federated_utils import fed_args, tiny_model
+from ..federated_utils import fed_args, skewed_clients, tiny_model
 from ..flower_utils import federation_settings
 
 
@@ -167,3 +170,12 @@ def test_the_strategy_refuses_another_runs_checkpoints_on_a_fresh_start(tmp_path
     )
     assert overwriting.server.checkpoint_to_resume(None) is None
     assert not (tmp_path / "round-1").exists()
+
+
+def test_a_node_whose_test_data_cannot_be_collated_says_which_client_before_round_1(tmp_path):
+    train, test = skewed_clients(2)
+    test["client-1"] = Dataset.from_dict({"input_ids": [[5, 6, 7], [5]], "labels": [0, 1]})  # ragged
+    trainer = FederatedTrainer(tiny_model("c2a"), fed_args(tmp_path), train, test, data_collator=default_data_collator)
+    assert _scored_examples(trainer, "client-0") == 12
+    with pytest.raises(ValueError, match="The test data of client 'client-1' cannot be read for evaluation"):
+        _scored_examples(trainer, "client-1")

@@ -4,11 +4,12 @@ The node's trainer is built by the user's `trainer_fn(context)` from the node's 
 named by `context.node_config["partition-id"]`), so the client computes its descriptor locally and runs exactly the
 local training of `FederatedTrainer.train_client`. Three message types are handled:
 
-- `query`: the names, example counts and evaluability of the node's clients (once per run, so the server can map
-  its seeded client sampling onto nodes);
+- `query`: the names of the node's clients, their training example counts and the predictions their evaluation
+  scores count (once per run, so the server can map its seeded client sampling onto nodes and hold every later reply
+  to these counts);
 - `train`: load the global state, train the client named in the config, reply with the update, its status and
   metrics (a client whose training raised replies with its status and error, and no update);
-- `evaluate`: load the global state, score every evaluable client of the node with its own descriptor and (C2A) with
+- `evaluate`: load the global state, score every client of the node it names with its own descriptor and (C2A) with
   the uniform one; a client whose evaluation raises is reported by name, the others still are.
 
 Client-private tensors (C2A's client-id embedding, `FederatedTrainer.private_keys`) never leave the node: the server
@@ -98,7 +99,7 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         description = NodeDescription(
             names=names,
             num_examples=[trainer.clients[name].num_examples for name in names],
-            num_test_examples=[trainer.count_scored_examples(name) for name in names],
+            num_test_examples=[_scored_examples(trainer, name) for name in names],
             seed=trainer.args.seed,
         )
         return Message(encode_query_reply(description), reply_to=message)
@@ -142,6 +143,15 @@ def make_client_app(trainer_fn: TrainerFactory) -> ClientApp:
         return Message(encode_evaluate_reply(scores, errors), reply_to=message)
 
     return app
+
+
+def _scored_examples(trainer: FederatedTrainer, name: str) -> int:
+    """What the node announces for client `name`'s evaluation; test data that cannot even be collated stops the run
+    here, before round 1, naming the client (it could never be scored)."""
+    try:
+        return trainer.count_scored_examples(name)
+    except Exception as error:
+        raise ValueError(f"The test data of client {name!r} cannot be read for evaluation: {error!r}") from error
 
 
 def _private_state_dir(trainer: FederatedTrainer, name: str) -> Path:
