@@ -140,7 +140,6 @@ class FederatedEvaluation(Trainer):
             loss, logits, labels = self.prediction_step(
                 model, inputs, prediction_loss_only=False, ignore_keys=ignore_keys
             )
-            scored += scored_positions(labels, batch_size, next_token)
             if loss is not None:
                 loss_sum += float(loss) * batch_size
                 count += batch_size
@@ -154,6 +153,7 @@ class FederatedEvaluation(Trainer):
             if labels is not None:
                 labels = labels.detach().cpu()
                 labels_all = labels if labels_all is None else nested_concat(labels_all, labels, padding_index=-100)
+            scored += scored_positions(labels, batch_size, next_token)  # counted on the CPU copy made above
         scores: dict[str, float] = {}
         if count:
             scores["loss"] = loss_sum / count
